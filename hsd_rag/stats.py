@@ -1,0 +1,54 @@
+"""What one generation did: τ, steps, tokens per source, and where the wall time went."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation. `steps` counts target forwards after the prefill."""
+
+    steps: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    drafted_by_source: dict[str, int] = field(default_factory=Counter)  # draft nodes verified, per source label
+    accepted_by_source: dict[str, int] = field(default_factory=Counter)  # accepted draft tokens, per source label
+    accepted_by_depth: dict[int, int] = field(default_factory=Counter)  # steps whose accepted path reached depth d
+    tree_nodes: int = 0  # draft nodes verified, all steps together
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    total_s: float = 0.0
+    stop_reason: str = ""  # "eos", "length", "stop_string" or "context_window"
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target forward (accepted drafts + the bonus token)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput, prefill excluded."""
+        decode = self.total_s - self.prefill_s
+        return self.new_tokens / decode if decode > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("drafted_by_source", "accepted_by_source", "accepted_by_depth"):
+            out[key] = dict(out[key])
+        out["tau"] = self.tau
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+@dataclass
+class GenerationResult:
+    """The generated text and tokens (prompt excluded), each token's source label, and the stats."""
+
+    text: str
+    token_ids: list[int]
+    token_sources: list[str]  # per generated token: "target" or the drafter names joined by "+"
+    stats: GenerationStats

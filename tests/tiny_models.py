@@ -1,0 +1,62 @@
+"""Tiny random target models of the real architectures, built in-process (no network)."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_VOCAB = 96
+
+
+def tiny_model(arch: str = "llama", vocab: int = TINY_VOCAB, seed: int = 0, layers: int = 4, hidden: int = 64):
+    """A random causal LM of the given architecture, small enough to run hundreds of forwards in a test."""
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+    )
+    config = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen2": lambda: Qwen2Config(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=None),
+    }[arch]()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    # Sharpen the random logits so greedy paths are not dominated by near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    model.eval()
+    return model
+
+
+class IdTokenizer:
+    """A minimal tokenizer over integer ids: text is space-separated ids (enough for the decoder's API)."""
+
+    eos_token_id = 1
+    pad_token_id = 1
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        class _Enc:
+            pass
+
+        enc = _Enc()
+        enc.input_ids = [int(t) for t in text.split()]
+        return enc
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == self.eos_token_id))
