@@ -35,6 +35,7 @@ class TokenPiece:
     token_id: int
     text: str  # may be "" while a multi-byte character is incomplete
     source: str  # "target" (bonus token) or the drafter label(s), e.g. "ngram", "eagle", "ngram+eagle"
+    step: int  # which target forward decided it
 
 
 def _source_label(mask: int) -> str:
@@ -53,8 +54,16 @@ class GenerationStream:
     def __iter__(self):
         if self._per_token:
             yield from self._pieces
-        else:
-            yield from (piece.text for piece in self._pieces if piece.text)
+        else:  # one text piece per target forward
+            text, step = "", None
+            for piece in self._pieces:
+                if piece.step != step and text:
+                    yield text
+                    text = ""
+                text += piece.text
+                step = piece.step
+            if text:
+                yield text
         self.result = self._finish()
 
 
@@ -293,8 +302,9 @@ class HybridSpecDecoder:
         hold = max((len(s) for s in stops), default=1) - 1  # chars that could still become a stop string
         t0 = time.perf_counter()
         final_text = None
+        steps = self._steps(prompt_ids, doc_ids, cfg, stats)
         with self._lock, torch.inference_mode():
-            for new_tokens, masks in self._steps(prompt_ids, doc_ids, cfg, stats):
+            for step, (new_tokens, masks) in enumerate(steps):
                 for token, mask in zip(new_tokens, masks, strict=True):
                     out_ids.append(token)
                     out_sources.append(_source_label(mask))
@@ -303,7 +313,7 @@ class HybridSpecDecoder:
                     if cut is not None:
                         final_text = text[:cut]
                         if len(final_text) > len(emitted):
-                            yield TokenPiece(token, final_text[len(emitted) :], out_sources[-1])
+                            yield TokenPiece(token, final_text[len(emitted) :], out_sources[-1], step)
                         stats.stop_reason = "stop_string"
                         break
                     safe = len(text) - (hold if stops else 0)
@@ -311,13 +321,14 @@ class HybridSpecDecoder:
                         safe = min(safe, len(text) - 1)
                     delta = text[len(emitted) : max(safe, len(emitted))]
                     emitted += delta
-                    yield TokenPiece(token, delta, out_sources[-1])
+                    yield TokenPiece(token, delta, out_sources[-1], step)
                 if final_text is not None:
                     break
+            steps.close()  # runs the drafter's cleanup now, also when a stop string ended the loop early
         if final_text is None:
             final_text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
             if len(final_text) > len(emitted):  # flush held-back characters
-                yield TokenPiece(out_ids[-1], final_text[len(emitted) :], out_sources[-1])
+                yield TokenPiece(out_ids[-1], final_text[len(emitted) :], out_sources[-1], stats.steps - 1)
         stats.total_s = time.perf_counter() - t0
         state["result"] = GenerationResult(final_text, out_ids, out_sources, stats)
 

@@ -1,0 +1,102 @@
+"""`hsd-rag`: the command line. Only this module prints; everything it calls returns structured results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _decoder(args):
+    from hsd_rag import HybridSpecDecoder
+
+    return HybridSpecDecoder.from_pretrained(args.target, head=getattr(args, "head", None), device=args.device,
+                                             dtype=args.dtype)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, help="hub id, local dir or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--head", default=None, help="EAGLE head dir or hub id (default: the shipped head, if any)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: per device)")
+
+
+def _cmd_bench(args) -> int:
+    from hsd_rag.bench.datasets import load_cases
+    from hsd_rag.bench.report import markdown_table, summarize, total_mismatches, write_report
+    from hsd_rag.bench.runner import run_benchmark
+
+    dec = _decoder(args)
+    cases = load_cases(args.dataset, limit=args.limit)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = [int(b) for b in str(args.budgets).split(",")]
+    records = run_benchmark(dec, cases, methods, budgets, args.max_new_tokens, args.temperature, seed=args.seed)
+    summaries = summarize(records)
+    import platform
+
+    import torch
+
+    header = (
+        f"Command: `hsd-rag {' '.join(sys.argv[1:])}`  \n"
+        f"Hardware: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"device {dec.model.device}, torch {torch.__version__}  \n"
+        f"Target: {dec.model.config.name_or_path or type(dec.model).__name__}, temperature {args.temperature}, "
+        f"max_new_tokens {args.max_new_tokens}, {len(cases)} prompts of `{args.dataset}`"
+    )
+    print(header.replace("  \n", "\n"))
+    print(markdown_table(summaries))
+    bad = total_mismatches(summaries)
+    if args.temperature == 0:
+        print(f"greedy outputs differing from HF generate: {bad}" + ("  <-- LOSSLESSNESS VIOLATED" if bad else ""))
+    if args.out:
+        path = write_report(records, Path(args.out), header)
+        print(f"report: {path}")
+    return 1 if bad else 0
+
+
+def _cmd_qa(args) -> int:
+    from hsd_rag.app import answer_question
+
+    return answer_question(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsd-rag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bench", help="τ, tokens/s and speedup of each method against HF generate, interleaved")
+    _add_model_args(p)
+    p.add_argument("--dataset", default="builtin-en", help="builtin-en / builtin-fr / builtin-es or a .jsonl path")
+    p.add_argument("--methods", default="ngram", help="comma-separated: vanilla,ngram,eagle,hybrid-fixed,hybrid")
+    p.add_argument("--budgets", default="16", help="comma-separated draft budgets, e.g. 4,8,16,32")
+    p.add_argument("--limit", type=int, default=8, help="number of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write records.jsonl, report.md and plots here")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("qa", help="answer a question over a folder of documents (streams the answer + stats)")
+    _add_model_args(p)
+    p.add_argument("folder", help="folder of .txt/.md/.html(/.pdf) documents")
+    p.add_argument("question", nargs="?", default=None, help="the question (omit for an interactive prompt)")
+    p.add_argument("--k", type=int, default=3, help="chunks retrieved into the prompt")
+    p.add_argument("--method", default=None, help="decoding method (default: best available)")
+    p.add_argument("--budget", default="16")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=_cmd_qa)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"hsd-rag: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""EagleDrafter: a draft tree from an EAGLE-3 (or EAGLE-1/2) head reading the target's own features.
+
+How it follows the decode loop (docs/ARCHITECTURE.md):
+- `start` attaches feature hooks *before* the prefill, whose forward over prompt[:-1] leaves features
+  f_0..f_{P-2}.
+- The head consumes pairs (f_t, token_{t+1}) at head position t; the pair's output predicts token_{t+2}. A pair
+  whose feature came from the target is *accepted*: it is run once and stays in the head's KV cache. After the
+  prefill or a step the new pairs are pending; `propose` runs them in one head forward whose last output predicts
+  the depth-1 drafts. Invariant: head cache length + pending pairs == target cache length == len(token_ids) - 1.
+- Deeper levels feed back the head's own hidden (EAGLE-2 dynamic tree): each level keeps the `top_k` frontier
+  nodes with the best cumulative log-prob, all at position (target cache length + depth - 1), under a tree mask;
+  their KV entries are cropped off afterwards, so only accepted pairs ever stay in the head cache.
+- `observe` takes the verified tree's features from the hooks and queues (feature of accepted node i, next
+  accepted token) pairs, the last one pairing with the bonus token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hsd_rag.drafters.base import DraftContext, StepOutcome
+from hsd_rag.heads.base import DraftHead
+from hsd_rag.heads.features import FeatureCapture
+from hsd_rag.tree import SOURCE_EAGLE, TokenTree
+
+DEFAULT_DEPTH = 6  # draft levels (the reference's depth 5 loop plus its first level)
+DEFAULT_TOP_K = 8  # frontier width and children per node (the reference's default)
+NO_PARENT = -1  # parent index of depth-1 candidates: the root
+
+
+class EagleDrafter:
+    """Tree drafts from an EAGLE head; `depth` levels, `top_k` frontier nodes per level, best `budget` kept."""
+
+    name = "eagle"
+
+    def __init__(self, model, head: DraftHead, depth: int = DEFAULT_DEPTH, top_k: int = DEFAULT_TOP_K):
+        if depth < 1 or top_k < 1:
+            raise ValueError(f"depth and top_k must be >= 1, got depth={depth}, top_k={top_k}")
+        self.model = model
+        self.head = head
+        self.depth = depth
+        self.top_k = top_k
+        self.capture = FeatureCapture.for_head(model, head)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cache = None  # HeadKVCache of accepted pairs
+        self._pending_features: list[torch.Tensor] = []  # [T_i, F] target features of pairs not yet run
+        self._pending_tokens: list[int] = []  # the token paired with each pending feature
+        self._awaiting_prefill = False
+        self._last = None  # (hidden [H], log-probs [Vd]) of the newest accepted pair, until the next step
+
+    # ---- protocol ----------------------------------------------------------------------------------------
+
+    def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]]) -> None:
+        self.capture.detach()
+        self._reset()
+        self._cache = self.head.new_cache()
+        self._pending_tokens = [int(t) for t in prompt_ids[1:]]  # pairs (f_t, prompt[t + 1]), t < P - 1
+        self._awaiting_prefill = True
+        self.capture.attach()
+
+    @torch.inference_mode()
+    def propose(self, context: DraftContext) -> TokenTree:
+        if self._cache is None:
+            raise RuntimeError("EagleDrafter.propose called before start().")
+        if self._awaiting_prefill:
+            self._take_prefill_features()
+        self._check_in_sync(context)
+        tree = TokenTree.root(context.token_ids[-1])
+        budget = context.budget
+        if budget <= 0:
+            return tree  # pending pairs wait for the next step; nothing to draft
+        if self._pending_tokens:
+            self._run_pending()
+        if self._last is None:
+            return tree  # a one-token prompt: no target feature yet
+        top_k = min(self.top_k, budget, self.head.draft_vocab_size)
+        depth = min(self.depth, budget)
+        tokens, parents, scores = self._expand(top_k, depth)
+        return self._assemble(tree, tokens, parents, scores, budget)
+
+    @torch.inference_mode()
+    def observe(self, outcome: StepOutcome) -> None:
+        features = self.capture.pop()  # [1, n, F] from the tree forward
+        rows = 0 if features is None else features.shape[1]
+        if rows != len(outcome.tree):
+            raise RuntimeError(
+                f"EagleDrafter expected features of one target forward over the {len(outcome.tree)}-node tree "
+                f"but the hooks captured {rows} positions since propose(): observe() must follow exactly one "
+                "tree forward of the target."
+            )
+        if len(outcome.new_tokens) != len(outcome.accepted_nodes):
+            raise ValueError("new_tokens must hold the accepted drafts then the bonus token (one per node).")
+        index = torch.tensor(outcome.accepted_nodes, device=features.device)
+        self._pending_features.append(features[0].index_select(0, index))  # [m, F]
+        self._pending_tokens.extend(int(t) for t in outcome.new_tokens)
+        self._last = None
+
+    def close(self) -> None:
+        self.capture.detach()
+        self._reset()
+
+    # ---- accepted pairs ----------------------------------------------------------------------------------
+
+    @property
+    def cache_length(self) -> int:
+        """Accepted pairs in the head's KV cache (draft entries never remain)."""
+        return 0 if self._cache is None else len(self._cache)
+
+    @property
+    def pending(self) -> int:
+        """Accepted pairs queued for the next head forward."""
+        return len(self._pending_tokens)
+
+    def _take_prefill_features(self) -> None:
+        features = self.capture.pop()  # [1, P - 1, F], or None for a one-token prompt
+        rows = 0 if features is None else features.shape[1]
+        if rows != len(self._pending_tokens):
+            raise RuntimeError(
+                f"EagleDrafter expected prefill features for {len(self._pending_tokens)} prompt tokens "
+                f"(prompt[:-1]) but captured {rows}: start() must precede the prefill forward."
+            )
+        if features is not None:
+            self._pending_features.append(features[0])
+        self._awaiting_prefill = False
+
+    def _check_in_sync(self, context: DraftContext) -> None:
+        expected = len(context.token_ids) - 1  # the target's cache length
+        if self.cache_length + self.pending != expected:
+            raise RuntimeError(
+                f"EagleDrafter is out of sync: {self.cache_length} cached + {self.pending} pending head pairs "
+                f"but {expected} tokens in the target cache."
+            )
+
+    def _run_pending(self) -> None:
+        """One head forward over the queued accepted pairs, appended to the cache for good."""
+        device = self.head.device
+        features = torch.cat(self._pending_features, dim=0).to(device)[None]  # [1, k, F]
+        tokens = torch.tensor([self._pending_tokens], device=device)  # [1, k]
+        out = self.head(features, tokens, cache=self._cache, logits_to_keep=1)
+        self._last = (out.hidden[0, -1], F.log_softmax(out.logits[0, -1].float(), dim=-1))  # [H], [Vd]
+        self._pending_features, self._pending_tokens = [], []
+
+    # ---- drafting ----------------------------------------------------------------------------------------
+
+    def _expand(self, top_k: int, depth: int):
+        """Candidates of all levels (target ids, parent candidate index, cumulative log-prob), on device."""
+        head, cache = self.head, self._cache
+        hidden, log_probs = self._last
+        stable = len(cache)  # == target cache length; depth-d nodes' pairs sit at position stable + d - 1
+        device, dtype = hidden.device, hidden.dtype
+        eye = torch.eye(top_k, dtype=torch.bool, device=device)
+
+        best = log_probs.topk(top_k)
+        frontier_scores = best.values  # [K]
+        frontier_tokens = head.to_target_ids(best.indices)  # [K]
+        frontier_hidden = hidden.expand(top_k, -1)  # [K, H] every depth-1 node continues the root's pair
+        frontier_index = torch.arange(top_k, device=device)  # candidate index of each frontier node
+        all_tokens, all_scores = [frontier_tokens], [frontier_scores]
+        all_parents = [torch.full((top_k,), NO_PARENT, device=device)]
+        visible = eye  # [K, drafted entries] which draft cache entries each frontier node may attend to
+        offset = top_k
+        try:
+            for level in range(1, depth):
+                positions = torch.full((1, top_k), stable + level - 1, device=device)
+                mask = torch.zeros(1, 1, top_k, stable + visible.shape[1], dtype=dtype, device=device)
+                mask[0, 0, :, stable:].masked_fill_(~visible, torch.finfo(dtype).min)
+                out = head(frontier_hidden[None], frontier_tokens[None], positions, mask, cache)
+                children = F.log_softmax(out.logits[0].float(), dim=-1).topk(top_k, dim=-1)  # [K, K]
+                cumulative = (frontier_scores[:, None] + children.values).flatten()  # [K * K]
+                child_tokens = head.to_target_ids(children.indices).flatten()  # [K * K]
+                all_tokens.append(child_tokens)
+                all_scores.append(cumulative)
+                all_parents.append(frontier_index.repeat_interleave(top_k))
+                chosen = cumulative.topk(top_k).indices  # [K] next frontier, best cumulative first
+                rows = chosen // top_k  # the frontier node each one extends
+                frontier_scores = cumulative[chosen]
+                frontier_tokens = child_tokens[chosen]
+                frontier_hidden = out.hidden[0, rows]
+                frontier_index = offset + chosen
+                offset += top_k * top_k
+                visible = torch.cat((visible[rows], eye), dim=1)
+        finally:
+            cache.crop(stable)  # drop every draft-only entry
+        return torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores)
+
+    @staticmethod
+    def _assemble(tree: TokenTree, tokens, parents, scores, budget: int) -> TokenTree:
+        """Keep the `budget` best candidates and build the TokenTree (the one host sync of a step).
+
+        Cumulative log-probs never increase along a path and parents have smaller indices, so a stable
+        descending sort ranks every parent before its children: the kept prefix is closed under ancestors.
+        """
+        order = torch.sort(scores, descending=True, stable=True).indices[:budget]
+        keep = order.sort().values  # topological (ascending candidate index)
+        payload = torch.stack(
+            (keep.double(), tokens[keep].double(), parents[keep].double(), scores[keep].double().exp())
+        )
+        ids, toks, pars, probs = payload.tolist()
+        node_of: dict[int, int] = {}
+        for cand, token, parent, prob in zip(ids, toks, pars, probs, strict=True):
+            parent_node = 0 if parent == NO_PARENT else node_of[int(parent)]
+            node_of[int(cand)] = tree.add(parent_node, int(token), prob, SOURCE_EAGLE)
+        return tree
