@@ -29,7 +29,7 @@ def _cmd_bench(args) -> int:
     dec = _decoder(args)
     cases = load_cases(args.dataset, limit=args.limit)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = [int(b) for b in str(args.budgets).split(",")]
+    budgets = [b if b == "auto" else int(b) for b in str(args.budgets).split(",")]
     records = run_benchmark(dec, cases, methods, budgets, args.max_new_tokens, args.temperature, seed=args.seed)
     summaries = summarize(records)
     import platform
@@ -54,6 +54,19 @@ def _cmd_bench(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_tune(args) -> int:
+    from hsd_rag.bench.tuning import tune
+
+    dec = _decoder(args)
+    profile, path = tune(dec, context=args.context)
+    print(f"verification cost on {profile.device} ({profile.model}), context {args.context} tokens:")
+    print("| tokens in forward | relative time |\n|---|---|")
+    for n, c in zip(profile.tokens, profile.relative_cost, strict=True):
+        print(f"| {n} | {c:.2f} |")
+    print(f"saved to {path}; budget='auto' now sizes trees with it")
+    return 0
+
+
 def _cmd_qa(args) -> int:
     from hsd_rag.app import answer_question
 
@@ -68,13 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--dataset", default="builtin-en", help="builtin-en / builtin-fr / builtin-es or a .jsonl path")
     p.add_argument("--methods", default="ngram", help="comma-separated: vanilla,ngram,eagle,hybrid-fixed,hybrid")
-    p.add_argument("--budgets", default="16", help="comma-separated draft budgets, e.g. 4,8,16,32")
+    p.add_argument("--budgets", default="16", help="comma-separated draft budgets, e.g. 4,8,16,auto")
     p.add_argument("--limit", type=int, default=8, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write records.jsonl, report.md and plots here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("tune", help="measure verification cost vs tree size on this device (for budget='auto')")
+    _add_model_args(p)
+    p.add_argument("--context", type=int, default=512, help="cache length the trees are verified on")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("qa", help="answer a question over a folder of documents (streams the answer + stats)")
     _add_model_args(p)

@@ -25,8 +25,9 @@ class DecodeConfig(BaseModel):
     """Keep the k most likely tokens, as HF's TopKLogitsWarper; 0 disables (only when sampling)."""
     method: Method = "ngram"
     """Draft source(s): "vanilla" (no drafts), "ngram", "eagle", "hybrid" (adaptive fusion), "hybrid-fixed"."""
-    budget: int | Literal["auto"] = 16
-    """Draft tokens verified per target forward (tree nodes besides the root); "auto" uses the tuned value."""
+    budget: int | Literal["auto"] = "auto"
+    """Draft tokens verified per target forward (tree nodes besides the root). "auto" sizes every tree by
+    expected tokens per second on this device (`hsd-rag tune` measures it; hsd_rag.budget explains the rule)."""
     stop: list[str] | None = None
     """Stop strings: generation ends when one appears; the returned text ends before it."""
     seed: int | None = None

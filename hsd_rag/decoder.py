@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import ValidationError
 
+from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
 from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
 from hsd_rag.stats import GenerationResult, GenerationStats
@@ -205,18 +206,19 @@ class HybridSpecDecoder:
             return NoDrafter()
         return self.drafter_factories[cfg.method](self, cfg)
 
-    def _budget(self, cfg: DecodeConfig) -> int:
+    def _budget(self, cfg: DecodeConfig):
+        """(max drafts per forward, cost profile or None): "auto" sizes each tree by expected tokens per second."""
         if cfg.budget == "auto":
-            from hsd_rag.bench.tuning import tuned_budget
+            from hsd_rag.bench.tuning import cost_profile
 
-            return tuned_budget(self, cfg.method)
-        return cfg.budget
+            return AUTO_MAX_BUDGET, cost_profile(self)
+        return cfg.budget, None
 
     def _steps(self, prompt_ids: list[int], doc_ids: list[list[int]], cfg: DecodeConfig, stats: GenerationStats):
         """Yield (new_tokens, source_masks) per target forward until max_new_tokens or EOS."""
-        window = self.context_window or (len(prompt_ids) + cfg.max_new_tokens + self._budget(cfg) + 1)
+        budget, profile = self._budget(cfg)
+        window = self.context_window or (len(prompt_ids) + cfg.max_new_tokens + budget + 1)
         max_new = min(cfg.max_new_tokens, window - len(prompt_ids))
-        budget = self._budget(cfg)
         generator = None
         if not cfg.greedy and cfg.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
@@ -236,7 +238,8 @@ class HybridSpecDecoder:
                 # 1. draft a tree rooted at the pending token, 2. keep the best `budget` nodes
                 step_budget = max(0, min(budget, max_new - generated - 1, window - past - 1))
                 context = DraftContext(tokens, len(prompt_ids), step_budget)
-                tree = drafter.propose(context).truncate(step_budget)
+                tree = drafter.propose(context)
+                tree = tree.truncate(step_budget) if profile is None else fit_tree(tree, profile, step_budget)
                 t_draft = time.perf_counter()
                 # 3. verify every node in one target forward, 4. accept
                 logits = forward_tree(self.model, cache, tree, past, self._cache_arg)

@@ -30,7 +30,7 @@ def decoder_with(model, drafter) -> HybridSpecDecoder:
     return dec
 
 
-@pytest.mark.parametrize("budget", [1, 4, 16, 60])
+@pytest.mark.parametrize("budget", [1, 4, 16, 60, "auto"])
 @pytest.mark.parametrize("planted", [True, False], ids=["true-path-planted", "random-only"])
 def test_greedy_equals_generate(tiny, budget, planted):
     _, model = tiny
@@ -39,7 +39,7 @@ def test_greedy_equals_generate(tiny, budget, planted):
     drafter = RandomTreeDrafter(TINY_VOCAB, seed=budget, oracle=prompt + expected if planted else None)
     result = decoder_with(model, drafter).generate(prompt, max_new_tokens=48, method="ngram", budget=budget)
     assert result.token_ids == expected
-    if planted and budget >= 4:
+    if planted and budget != 1:
         assert result.stats.tau > 1.5  # the planted true path is actually being accepted
     assert result.stats.steps <= 48
 

@@ -16,7 +16,7 @@ class Summary:
 
     dataset: str
     method: str
-    budget: int
+    budget: int | str  # an int, or "auto"
     prompts: int = 0
     new_tokens: int = 0
     steps: int = 0
@@ -48,6 +48,11 @@ class Summary:
         return share
 
 
+def budget_key(budget: int | str) -> tuple[int, int]:
+    """Numeric budgets in order, "auto" last."""
+    return (1, 0) if budget == "auto" else (0, int(budget))
+
+
 def summarize(records: list[BenchRecord]) -> list[Summary]:
     groups: dict[tuple, Summary] = {}
     for r in records:
@@ -71,7 +76,7 @@ def summarize(records: list[BenchRecord]) -> list[Summary]:
         base = baselines.get(s.dataset)
         if base is not None and base.tokens_per_s > 0:
             s.speedup = s.tokens_per_s / base.tokens_per_s
-    return sorted(groups.values(), key=lambda s: (s.dataset, s.method != BASELINE, s.method, s.budget))
+    return sorted(groups.values(), key=lambda s: (s.dataset, s.method != BASELINE, s.method, budget_key(s.budget)))
 
 
 def markdown_table(summaries: list[Summary]) -> str:
@@ -129,7 +134,7 @@ def plot(summaries: list[Summary], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (dataset, method), rows in sorted(by_method.items()):
-        rows.sort(key=lambda s: s.budget)
+        rows = sorted((s for s in rows if s.budget != "auto"), key=lambda s: s.budget)
         ax.plot([s.budget for s in rows], [s.tau for s in rows], marker="o", label=f"{method} ({dataset})")
     ax.set_xlabel("budget (draft tokens per forward)")
     ax.set_ylabel("τ (tokens per target forward)")
@@ -156,7 +161,7 @@ def plot(summaries: list[Summary], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labels, bottoms = [], None
-    rows = sorted(ours, key=lambda s: (s.dataset, s.method, s.budget))
+    rows = sorted(ours, key=lambda s: (s.dataset, s.method, budget_key(s.budget)))
     names = sorted({k for s in rows for k in s.source_share()})
     for name in names:
         vals = [s.source_share().get(name, 0.0) for s in rows]

@@ -34,7 +34,7 @@ class BenchRecord:
     case_id: str
     dataset: str
     method: str
-    budget: int
+    budget: int | str  # an int, or "auto"
     temperature: float
     prompt_tokens: int
     new_tokens: int
@@ -83,7 +83,7 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
                        token_ids=new)
 
 
-def _ours(decoder, case: BenchCase, method: str, budget: int, max_new_tokens: int, temperature: float,
+def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_tokens: int, temperature: float,
           seed: int) -> BenchRecord:
     start = time.perf_counter()
     res = decoder.generate(case.messages, documents=case.documents, method=method, budget=budget,
@@ -102,7 +102,7 @@ def run_benchmark(
     decoder,
     cases: Sequence[BenchCase],
     methods: Iterable[str],
-    budgets: Iterable[int] = (16,),
+    budgets: Iterable[int | str] = (16,),
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
