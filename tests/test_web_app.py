@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 from examples.web_app import make_server
-from hsd_rag import HybridSpecDecoder
 from hsd_rag.app import ask
 from hsd_rag.retrieval import FolderIndex
 from hsd_rag.tree import SOURCE_EAGLE, SOURCE_NGRAM, TokenTree
-from tests.tiny_models import tiny_model
+from tests.tiny_models import smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
 SHORT = 12  # new tokens per answer: several draft steps, cheap on two cores
@@ -86,17 +85,7 @@ class FailingDrafter(OracleDrafter):
 @pytest.fixture(scope="module")
 def decoder():
     """A ~3M-parameter random Llama over the real SmolLM2 tokenizer (ask() needs its chat template)."""
-    from transformers import AutoTokenizer
-
-    from hsd_rag.loading import DEFAULT_MODEL_NAME, cache_dir
-
-    path = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not (path / "tokenizer.json").exists():
-        pytest.skip(f"the SmolLM2 tokenizer is not cached in {path} (load HybridSpecDecoder.from_pretrained() once)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = tiny_model("llama", vocab=SMOLLM2_VOCAB, layers=2, hidden=32)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return HybridSpecDecoder(model, tokenizer)
+    return smollm2_chat_decoder()
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,22 @@ class IdTokenizer:
 
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(str(i) for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+
+SMOLLM2_VOCAB = 49152
+
+
+def smollm2_chat_decoder(layers: int = 2, hidden: int = 32):
+    """A ~3M-parameter random Llama over the real SmolLM2 tokenizer, so the chat template is the real one.
+
+    The tokenizer comes from the embedded default model's snapshot, created on first use (offline, ~30 s).
+    """
+    from transformers import AutoTokenizer
+
+    from hsd_rag import HybridSpecDecoder
+    from hsd_rag.loading import default_snapshot
+
+    tokenizer = AutoTokenizer.from_pretrained(default_snapshot())
+    model = tiny_model("llama", vocab=SMOLLM2_VOCAB, layers=layers, hidden=hidden)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return HybridSpecDecoder(model, tokenizer)

@@ -1,199 +1,190 @@
-"""Aggregate benchmark records into per-method rows, a Markdown report, JSONL and plots."""
+"""Benchmark output: raw JSONL records, a Markdown report with tables, and PNG figures.
+
+Greedy mismatches with HF generate are the one result that must never be missed: the report opens with them,
+prompt by prompt, when there are any. Sampled runs (temperature > 0) are not compared token for token, and the
+report says so instead of printing a reassuring zero.
+"""
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsd_rag.bench.runner import BASELINE, BenchRecord
+from hsd_rag.bench.runner import BenchRecord
+from hsd_rag.bench.summary import (
+    Summary,
+    budget_key,
+    mismatched_records,
+    summarize,
+    total_mismatches,
+)
+
+__all__ = [
+    "budget_key",
+    "markdown_table",
+    "read_jsonl",
+    "summarize",
+    "total_mismatches",
+    "write_jsonl",
+    "write_report",
+]
+
+RECORDS_FILE = "records.jsonl"
+REPORT_FILE = "report.md"
+SAMPLING_NOTE = (
+    "Sampling (temperature > 0): each method draws its own random answer, so outputs are not compared token "
+    "for token with HF generate; losslessness under sampling is a property of the output distribution, checked "
+    "by the sampling-fidelity tests, not by this run. Speedups compare tokens/s only."
+)
 
 
-@dataclass
-class Summary:
-    """Totals of one (dataset, method, budget) over all its prompts; ratios are of sums, not means of ratios."""
-
-    dataset: str
-    method: str
-    budget: int | str  # an int, or "auto"
-    prompts: int = 0
-    new_tokens: int = 0
-    steps: int = 0
-    wall_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    other_s: float = 0.0
-    prefill_s: float = 0.0
-    accepted_by_source: Counter = field(default_factory=Counter)
-    accepted_by_depth: Counter = field(default_factory=Counter)
-    mismatches: int = 0
-    compared: int = 0
-    speedup: float | None = None  # tokens/s over the baseline's tokens/s on the same prompts
-
-    @property
-    def tau(self) -> float:
-        return self.new_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s else 0.0
-
-    def source_share(self) -> dict[str, float]:
-        """Share of generated tokens drafted by each source (the rest is the target's bonus tokens)."""
-        if not self.new_tokens:
-            return {}
-        share = {k: v / self.new_tokens for k, v in sorted(self.accepted_by_source.items())}
-        share["target"] = self.steps / self.new_tokens
-        return share
+def _budget(s: Summary) -> str:
+    return "-" if s.is_baseline else str(s.budget)
 
 
-def budget_key(budget: int | str) -> tuple[int, int]:
-    """Numeric budgets in order, "auto" last."""
-    return (1, 0) if budget == "auto" else (0, int(budget))
-
-
-def summarize(records: list[BenchRecord]) -> list[Summary]:
-    groups: dict[tuple, Summary] = {}
-    for r in records:
-        key = (r.dataset, r.method, r.budget)
-        s = groups.setdefault(key, Summary(*key))
-        s.prompts += 1
-        s.new_tokens += r.new_tokens
-        s.steps += r.steps
-        s.wall_s += r.wall_s
-        s.draft_s += r.draft_s
-        s.verify_s += r.verify_s
-        s.other_s += r.other_s
-        s.prefill_s += r.prefill_s
-        s.accepted_by_source.update(r.accepted_by_source)
-        s.accepted_by_depth.update({int(k): v for k, v in r.accepted_by_depth.items()})
-        if r.matches_baseline is not None:
-            s.compared += 1
-            s.mismatches += not r.matches_baseline
-    baselines = {s.dataset: s for s in groups.values() if s.method == BASELINE}
-    for s in groups.values():
-        base = baselines.get(s.dataset)
-        if base is not None and base.tokens_per_s > 0:
-            s.speedup = s.tokens_per_s / base.tokens_per_s
-    return sorted(groups.values(), key=lambda s: (s.dataset, s.method != BASELINE, s.method, budget_key(s.budget)))
+def _percent(x: float) -> str:
+    return f"{100 * x:.0f}%"
 
 
 def markdown_table(summaries: list[Summary]) -> str:
+    """The main table: one row per (dataset, method, budget, temperature)."""
     head = (
-        "| dataset | method | budget | prompts | tokens | τ | tokens/s | speedup vs HF | draft / verify / other (s)"
-        " | accepted by source | greedy mismatches |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| dataset | T | method | budget | prompts | tokens | forwards | τ | tokens/s | speedup vs HF"
+        " | time: prefill / draft / verify / other | accepted / drafted by source | greedy mismatches |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for s in summaries:
-        sources = ", ".join(f"{k} {v}" for k, v in sorted(s.accepted_by_source.items())) or "-"
-        mism = f"{s.mismatches}/{s.compared}" if s.compared else "-"
-        budget = "-" if s.method == BASELINE else str(s.budget)
-        split = "-" if s.method == BASELINE else f"{s.draft_s:.2f} / {s.verify_s:.2f} / {s.other_s:.2f}"
+        split = s.time_split()
+        times = "-" if s.is_baseline or not split else " / ".join(_percent(v) for v in split.values())
+        sources = ", ".join(
+            f"{name} {s.accepted_by_source.get(name, 0)}/{drafted}" for name, drafted in sorted(s.drafted_by_source.items())
+        ) or "-"
+        if s.temperature > 0:
+            mism = "not compared"
+        else:
+            mism = f"**{s.mismatches}/{s.compared}**" if s.mismatches else (f"0/{s.compared}" if s.compared else "-")
         speed = f"{s.speedup:.2f}×" if s.speedup is not None else "-"
         rows.append(
-            f"| {s.dataset} | {s.method} | {budget} | {s.prompts} | {s.new_tokens} | {s.tau:.2f} | "
-            f"{s.tokens_per_s:.1f} | {speed} | {split} | {sources} | {mism} |"
+            f"| {s.dataset} | {s.temperature:g} | {s.method} | {_budget(s)} | {s.prompts} | {s.new_tokens} | "
+            f"{s.steps} | {s.tau:.2f} | {s.tokens_per_s:.1f} | {speed} | {times} | {sources} | {mism} |"
         )
     return head + "\n".join(rows) + "\n"
 
 
-def total_mismatches(summaries: list[Summary]) -> int:
-    return sum(s.mismatches for s in summaries)
+def source_share_table(summaries: list[Summary]) -> str:
+    """Share of generated tokens by who proposed them, and each source's acceptance rate."""
+    ours = [s for s in summaries if not s.is_baseline]
+    labels = sorted({k for s in ours for k in s.source_share()})
+    if not labels:
+        return ""
+    head = "| dataset | T | method | budget | " + " | ".join(labels) + " | acceptance rate per source |\n"
+    head += "|---|---|---|---|" + "---|" * len(labels) + "---|\n"
+    rows = []
+    for s in ours:
+        share = s.source_share()
+        rates = ", ".join(f"{k} {_percent(v)}" for k, v in s.acceptance_rate().items()) or "-"
+        cells = " | ".join(_percent(share.get(label, 0.0)) for label in labels)
+        rows.append(f"| {s.dataset} | {s.temperature:g} | {s.method} | {s.budget} | {cells} | {rates} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def depth_table(summaries: list[Summary]) -> str:
+    """Share of forwards whose accepted path reached depth ≥ d."""
+    ours = [(s, s.acceptance_by_depth()) for s in summaries if not s.is_baseline]
+    deepest = max((max(curve) for _, curve in ours if curve), default=0)
+    if not deepest:
+        return ""
+    depths = range(1, deepest + 1)
+    head = "| dataset | T | method | budget | " + " | ".join(f"≥{d}" for d in depths) + " |\n"
+    head += "|---|---|---|---|" + "---|" * len(depths) + "\n"
+    rows = [
+        f"| {s.dataset} | {s.temperature:g} | {s.method} | {s.budget} | "
+        + " | ".join(_percent(curve.get(d, 0.0)) for d in depths) + " |"
+        for s, curve in ours
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def mismatch_section(records: list[BenchRecord]) -> str:
+    """Every greedy output that differs from HF generate, with where it starts to differ."""
+    bad = mismatched_records(records)
+    if not bad:
+        return ""
+    lines = [
+        f"## ⚠ LOSSLESSNESS VIOLATED: {len(bad)} greedy output(s) differ from HF generate",
+        "",
+        "| dataset | prompt | method | budget | first differing token | tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.dataset} | {r.case_id} | {r.method} | {r.budget} | {r.first_mismatch} | {r.new_tokens} |" for r in bad
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def write_jsonl(records: list[BenchRecord], path: Path) -> None:
-    with path.open("w") as f:
+    with path.open("w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r.to_dict()) + "\n")
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[BenchRecord]:
+    """Records written by `write_jsonl` (derived fields dropped, JSON's string keys turned back into depths)."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         d = json.loads(line)
         d.pop("tau", None)
+        d.pop("tokens_per_s", None)
         d["accepted_by_depth"] = {int(k): v for k, v in d.get("accepted_by_depth", {}).items()}
         out.append(BenchRecord(**d))
     return out
 
 
-def plot(summaries: list[Summary], out_dir: Path) -> list[Path]:
-    """τ vs budget per method, speedup per dataset, and source share; returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    ours = [s for s in summaries if s.method != BASELINE]
-    by_method: dict[tuple[str, str], list[Summary]] = defaultdict(list)
-    for s in ours:
-        by_method[(s.dataset, s.method)].append(s)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (dataset, method), rows in sorted(by_method.items()):
-        rows = sorted((s for s in rows if s.budget != "auto"), key=lambda s: s.budget)
-        ax.plot([s.budget for s in rows], [s.tau for s in rows], marker="o", label=f"{method} ({dataset})")
-    ax.set_xlabel("budget (draft tokens per forward)")
-    ax.set_ylabel("τ (tokens per target forward)")
-    ax.set_title("τ vs budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "tau_vs_budget.png"))
-
-    datasets = sorted({s.dataset for s in ours})
-    methods = sorted({s.method for s in ours})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / max(1, len(methods))
-    for j, method in enumerate(methods):
-        vals = []
-        for d in datasets:
-            rows = [s for s in ours if s.dataset == d and s.method == method and s.speedup is not None]
-            vals.append(max((s.speedup for s in rows), default=0.0))
-        ax.bar([i + j * width for i in range(len(datasets))], vals, width, label=method)
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(datasets))], datasets)
-    ax.set_ylabel("speedup vs HF generate (best budget)")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "speedup.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels, bottoms = [], None
-    rows = sorted(ours, key=lambda s: (s.dataset, s.method, budget_key(s.budget)))
-    names = sorted({k for s in rows for k in s.source_share()})
-    for name in names:
-        vals = [s.source_share().get(name, 0.0) for s in rows]
-        ax.bar(range(len(rows)), vals, bottom=bottoms, label=name)
-        bottoms = vals if bottoms is None else [a + b for a, b in zip(bottoms, vals, strict=True)]
-    labels = [f"{s.method}\nb={s.budget}" for s in rows]
-    ax.set_xticks(range(len(rows)), labels, fontsize=6)
-    ax.set_ylabel("share of generated tokens")
-    ax.set_title("who produced the tokens")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir / "source_share.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+def _greedy_line(summaries: list[Summary]) -> str:
+    greedy = [s for s in summaries if s.temperature == 0]
+    if not greedy:
+        return ""
+    compared = sum(s.compared for s in greedy)
+    bad = total_mismatches(greedy)
+    flag = "  ⚠ LOSSLESSNESS VIOLATED" if bad else ""
+    return f"**Greedy outputs differing from HF generate: {bad} of {compared} compared.**{flag}\n"
 
 
 def write_report(records: list[BenchRecord], out_dir: Path, header: str = "") -> Path:
+    """records.jsonl, report.md and the PNG figures in `out_dir`; returns the report's path."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(records, out_dir / "records.jsonl")
+    write_jsonl(records, out_dir / RECORDS_FILE)
     summaries = summarize(records)
-    pngs = plot(summaries, out_dir)
-    text = ["# hsd_rag benchmark", "", header, "", markdown_table(summaries)]
-    bad = total_mismatches(summaries)
-    text.append(f"\n**Greedy outputs differing from HF generate: {bad}.**\n")
-    text += [f"![{p.stem}]({p.name})" for p in pngs]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(text) + "\n")
+    text = ["# hsd_rag benchmark", "", header, ""]
+    mismatches = mismatch_section(records)
+    if mismatches:
+        text += [mismatches, ""]
+    text += [_greedy_line(summaries)]
+    if any(s.temperature > 0 for s in summaries):
+        text += [SAMPLING_NOTE, ""]
+    text += [
+        "τ = generated tokens / target forwards (accepted drafts + the bonus token). Speedup = tokens/s over HF "
+        "`generate`'s tokens/s on the same prompts, run interleaved in the same process. Time shares are of wall "
+        "time (prefill + decode).",
+        "",
+        markdown_table(summaries),
+    ]
+    for title, table in (
+        ("Who proposed the generated tokens", source_share_table(summaries)),
+        ("Acceptance by depth (share of forwards accepting ≥ d drafts)", depth_table(summaries)),
+    ):
+        if table:
+            text += [f"## {title}", "", table]
+    try:
+        from hsd_rag.bench.plots import plot_all
+
+        pngs = plot_all(summaries, out_dir)
+    except ImportError as err:  # matplotlib is an optional extra: the tables above still stand
+        text += [f"Figures skipped ({err}); install them with `pip install matplotlib`.", ""]
+    else:
+        text += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    path = out_dir / REPORT_FILE
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path

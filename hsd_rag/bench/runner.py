@@ -2,12 +2,15 @@
 
 The order of methods rotates from one prompt to the next so slow drifts of the machine (thermal, other load)
 spread evenly over methods. Greedy outputs are compared token for token with the baseline; a mismatch is
-counted and reported, never hidden.
+counted and recorded with the position of the first differing token, never hidden. Sampled outputs
+(temperature > 0) are random draws and are not compared: their losslessness is a property of distributions,
+which the sampling-fidelity tests check, not of single outputs.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -15,16 +18,23 @@ import torch
 from tqdm.auto import tqdm
 
 BASELINE = "hf"  # HF transformers `generate`, the reference for speed and for greedy outputs
+BASELINE_BUDGET = 0  # the baseline drafts nothing; stored so every record has the same fields
+WARMUP_NEW_TOKENS = 8  # enough to exercise every code path once without slowing the run noticeably
 
 
 @dataclass
 class BenchCase:
-    """One prompt to benchmark."""
+    """One prompt to benchmark.
+
+    `prompt` is whatever `HybridSpecDecoder.generate` accepts: chat messages (the usual case, which needs a
+    tokenizer with a chat template), a plain string, or token ids. `documents` are the texts the n-gram drafter
+    indexes besides the prompt (empty for prompts that embed their context, or for non-RAG controls).
+    """
 
     id: str
     dataset: str
-    messages: list[dict]
-    documents: list[str]
+    prompt: list[dict] | str | list[int]
+    documents: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -38,33 +48,44 @@ class BenchRecord:
     temperature: float
     prompt_tokens: int
     new_tokens: int
-    steps: int
+    steps: int  # target forwards after the prefill (HF generate: one per token)
     wall_s: float  # prefill + decode, as a user waits for it
     draft_s: float = 0.0
     verify_s: float = 0.0
     other_s: float = 0.0
     prefill_s: float = 0.0
-    accepted_by_source: dict[str, int] = field(default_factory=dict)
-    drafted_by_source: dict[str, int] = field(default_factory=dict)
-    accepted_by_depth: dict[int, int] = field(default_factory=dict)
-    matches_baseline: bool | None = None  # greedy only: token-identical to HF generate
+    accepted_by_source: dict[str, int] = field(default_factory=dict)  # accepted drafts per source label
+    drafted_by_source: dict[str, int] = field(default_factory=dict)  # verified drafts per source label
+    accepted_by_depth: dict[int, int] = field(default_factory=dict)  # steps whose accepted path had length d
+    tokens_by_label: dict[str, int] = field(default_factory=dict)  # generated tokens per label ("target", ...)
+    stop_reason: str = ""
+    matches_baseline: bool | None = None  # greedy only: token-identical to HF generate on the same prompt
+    first_mismatch: int | None = None  # greedy only: index of the first token that differs from the baseline
+    speedup: float | None = None  # tokens/s over HF generate's tokens/s on the same prompt, same run
     token_ids: list[int] = field(default_factory=list)
 
     @property
     def tau(self) -> float:
+        """Tokens per target forward (accepted drafts + the bonus token)."""
         return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["tau"] = self.tau
+        out["tokens_per_s"] = self.tokens_per_s
         return out
 
 
 def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: float, seed: int) -> BenchRecord:
     model = decoder.model
-    prompt = decoder.encode_prompt(case.messages)
+    prompt = decoder.encode_prompt(case.prompt)
     ids = torch.tensor([prompt], device=model.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else {}
+    # The same warpers as DecodeConfig's defaults (top_p=1, top_k=0): plain temperature sampling.
+    sampling = dict(temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else {}
     if temperature > 0:
         torch.manual_seed(seed)
     start = time.perf_counter()
@@ -79,14 +100,16 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
         )
     wall = time.perf_counter() - start
     new = out[0, len(prompt) :].tolist()
-    return BenchRecord(case.id, case.dataset, BASELINE, 0, temperature, len(prompt), len(new), len(new), wall,
-                       token_ids=new)
+    return BenchRecord(
+        case.id, case.dataset, BASELINE, BASELINE_BUDGET, temperature, len(prompt), len(new), len(new), wall,
+        tokens_by_label={"target": len(new)}, token_ids=new,
+    )
 
 
 def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_tokens: int, temperature: float,
           seed: int) -> BenchRecord:
     start = time.perf_counter()
-    res = decoder.generate(case.messages, documents=case.documents, method=method, budget=budget,
+    res = decoder.generate(case.prompt, documents=case.documents, method=method, budget=budget,
                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     wall = time.perf_counter() - start
     s = res.stats
@@ -94,8 +117,29 @@ def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_toke
         case.id, case.dataset, method, budget, temperature, s.prompt_tokens, s.new_tokens, s.steps, wall,
         draft_s=s.draft_s, verify_s=s.verify_s, other_s=s.other_s, prefill_s=s.prefill_s,
         accepted_by_source=dict(s.accepted_by_source), drafted_by_source=dict(s.drafted_by_source),
-        accepted_by_depth=dict(s.accepted_by_depth), token_ids=res.token_ids,
+        accepted_by_depth={int(d): n for d, n in s.accepted_by_depth.items()},
+        tokens_by_label=dict(Counter(res.token_sources)), stop_reason=s.stop_reason, token_ids=list(res.token_ids),
     )
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first position where `a` and `b` differ (a length difference counts), or None if equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_to_baseline(records: Sequence[BenchRecord], baseline: BenchRecord) -> None:
+    """Fill speedup (always) and the greedy equality fields (temperature 0 only) of one prompt's records."""
+    for rec in records:
+        if rec.method == BASELINE:
+            continue
+        if baseline.tokens_per_s > 0:
+            rec.speedup = rec.tokens_per_s / baseline.tokens_per_s
+        if rec.temperature == 0:
+            rec.first_mismatch = first_difference(rec.token_ids, baseline.token_ids)
+            rec.matches_baseline = rec.first_mismatch is None
 
 
 def run_benchmark(
@@ -110,27 +154,22 @@ def run_benchmark(
     progress: bool = True,
 ) -> list[BenchRecord]:
     """Run HF generate and each (method, budget) on every case; returns one record per run."""
-    variants = [(BASELINE, 0)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
+    budgets = list(budgets)
+    variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
     if warmup and cases:  # first calls pay one-off costs (allocator, kernels): keep them out of the timings
         for method, budget in variants:
-            _run(decoder, cases[0], method, budget, min(8, max_new_tokens), temperature, seed)
+            _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed)
     records: list[BenchRecord] = []
     bar = tqdm(total=len(cases) * len(variants), disable=not progress, desc="bench", unit="run")
     for i, case in enumerate(cases):
         shift = i % len(variants)
-        baseline = None
         per_case = []
         for method, budget in variants[shift:] + variants[:shift]:
             rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed)
-            if method == BASELINE:
-                baseline = rec
             per_case.append(rec)
             bar.update(1)
             bar.set_postfix(method=method, tau=f"{rec.tau:.2f}")
-        if temperature == 0 and baseline is not None:
-            for rec in per_case:
-                if rec.method != BASELINE:
-                    rec.matches_baseline = rec.token_ids == baseline.token_ids
+        compare_to_baseline(per_case, next(r for r in per_case if r.method == BASELINE))
         records.extend(per_case)
     bar.close()
     return records

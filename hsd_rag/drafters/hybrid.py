@@ -1,0 +1,117 @@
+"""Hybrid drafting: several draft sources fused into ONE token tree under ONE budget.
+
+The loop sees a single drafter; this one asks every source for a tree and fuses them.
+
+`adaptive` (default). Every candidate node u, from either source, carries s(u) = an estimate of
+P(u is accepted), the probability that the target's decode passes through u:
+  - EAGLE: the head's path probability Π q(x_i | x_<i) along the path (an estimate of the target's own);
+  - n-gram: Π over the path of the calibrated conditional acceptance rate of its (match length, branch
+    frequency share) bucket, learned online from this request's accept/reject outcomes.
+A node proposed by both sources is one node labelled with both, scored max(s_ngram, s_eagle). The expected
+number of accepted drafts of a tree T is E[A] = Σ_{u∈T} P(u accepted) (linearity of expectation over the
+indicator of each node being on the accepted path). Scores are monotone along paths, so the `budget` highest
+scores form an ancestor-closed set, and no other ancestor-closed set of that size has a larger Σ s(u):
+keeping them maximises the estimated E[A] over all trees the budget allows. Hence, with calibrated scores,
+the fused tree is never worse in expectation than either source alone, nor than any fixed split.
+
+`fixed`: the research prototype's scheme, kept as the baseline — up to `ngram_branches` n-gram continuations of
+`ngram_length` tokens each are carved out of the budget whenever a match exists (blind to how confident the
+match is) and the EAGLE tree fills what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from hsd_rag.drafters.base import DraftContext, Drafter, StepOutcome
+from hsd_rag.tree import TokenTree
+
+PROTOTYPE_NGRAM_BRANCHES = 2  # n-gram continuations per step in the prototype
+PROTOTYPE_NGRAM_LENGTH = 10  # tokens copied per continuation in the prototype
+
+
+class FusionPolicy(Protocol):
+    def fuse(self, context: DraftContext, drafters: Sequence[Drafter]) -> TokenTree: ...
+
+
+class AdaptiveFusion:
+    """Union of all sources' trees, then the `budget` nodes with the highest acceptance estimates."""
+
+    name = "adaptive"
+
+    def fuse(self, context: DraftContext, drafters: Sequence[Drafter]) -> TokenTree:
+        return fuse_adaptive([d.propose(context) for d in drafters], context.budget)
+
+
+def fuse_adaptive(trees: Sequence[TokenTree], budget: int) -> TokenTree:
+    fused = TokenTree.root(trees[0].tokens[0])
+    for tree in trees:
+        fused.merge(tree)
+    return fused.truncate(budget)
+
+
+@dataclass
+class FixedFusion:
+    """The prototype's split: n-gram continuations take a fixed share, the EAGLE tree the rest."""
+
+    ngram_branches: int = PROTOTYPE_NGRAM_BRANCHES
+    ngram_length: int = PROTOTYPE_NGRAM_LENGTH
+    name: str = "fixed"
+
+    def fuse(self, context: DraftContext, drafters: Sequence[Drafter]) -> TokenTree:
+        ngram, eagle = drafters
+        ngram_paths = self._ngram_paths(ngram.propose(context), context.budget)
+        used = sum(len(p) for p in ngram_paths)
+        eagle_tree = eagle.propose(replace(context, budget=max(0, context.budget - used)))
+        return fuse_fixed(ngram_paths, eagle_tree, context.budget)
+
+    def _ngram_paths(self, tree: TokenTree, budget: int) -> list[list[tuple[int, float, int]]]:
+        """Up to `ngram_branches` root-to-leaf paths (longest match first), each cut to `ngram_length`."""
+        paths, room = [], budget
+        for leaf_path in sorted(tree.paths(), key=lambda p: -tree.scores[p[1]] if len(p) > 1 else 0.0):
+            if len(paths) == self.ngram_branches or room <= 0 or len(leaf_path) < 2:
+                break
+            nodes = leaf_path[1 : 1 + min(self.ngram_length, room)]
+            paths.append([(tree.tokens[n], tree.scores[n], tree.sources[n]) for n in nodes])
+            room -= len(nodes)
+        return paths
+
+
+def fuse_fixed(ngram_paths, eagle_tree: TokenTree, budget: int) -> TokenTree:
+    fused = TokenTree.root(eagle_tree.tokens[0])
+    for path in ngram_paths:
+        parent = 0
+        for token, score, source in path:
+            parent = fused.add(parent, token, score, source)
+    fused.merge(eagle_tree)
+    # shared prefixes can only shrink the union; a surplus (EAGLE ignoring its share) is cut by score
+    return fused if fused.num_drafts <= budget else fused.truncate(budget)
+
+
+class HybridDrafter:
+    """Several drafters behind one: each proposes, the policy fuses, each observes the verified outcome."""
+
+    name = "hybrid"
+
+    def __init__(self, drafters: Sequence[Drafter], policy: FusionPolicy | None = None):
+        if not drafters:
+            raise ValueError("HybridDrafter needs at least one drafter.")
+        self.drafters = list(drafters)
+        self.policy = policy or AdaptiveFusion()
+
+    def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]]) -> None:
+        for drafter in self.drafters:
+            drafter.start(prompt_ids, documents)
+
+    def propose(self, context: DraftContext) -> TokenTree:
+        return self.policy.fuse(context, self.drafters)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        for drafter in self.drafters:
+            drafter.observe(outcome)
+
+    def close(self) -> None:
+        for drafter in self.drafters:
+            drafter.close()

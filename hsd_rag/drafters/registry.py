@@ -1,0 +1,29 @@
+"""Method name -> drafter for one request. The decode loop only ever sees the returned `Drafter`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hsd_rag.drafters.base import Drafter
+from hsd_rag.drafters.hybrid import AdaptiveFusion, FixedFusion, HybridDrafter
+from hsd_rag.drafters.ngram import NgramDrafter
+
+NEEDS_HEAD = frozenset({"eagle", "hybrid", "hybrid-fixed"})
+
+
+def _eagle(decoder):
+    from hsd_rag.drafters.eagle import EagleDrafter
+
+    return EagleDrafter(decoder.model, decoder.head)
+
+
+DRAFTER_FACTORIES: dict[str, Callable] = {
+    "ngram": lambda decoder, cfg: NgramDrafter(),
+    "eagle": lambda decoder, cfg: _eagle(decoder),
+    "hybrid": lambda decoder, cfg: HybridDrafter([NgramDrafter(), _eagle(decoder)], AdaptiveFusion()),
+    "hybrid-fixed": lambda decoder, cfg: HybridDrafter([NgramDrafter(), _eagle(decoder)], FixedFusion()),
+}
+
+
+def drafter_for(method: str, decoder, cfg) -> Drafter:
+    return DRAFTER_FACTORIES[method](decoder, cfg)

@@ -1,0 +1,329 @@
+"""HybridSpecLLM: the speculative decoder as a LangChain chat model (a thin adapter, no decoding logic here).
+
+    from hsd_rag.langchain import HybridSpecLLM, attach_documents
+
+    llm = HybridSpecLLM(max_new_tokens=256)          # the embedded SmolLM2-135M, loaded on first use
+    llm = HybridSpecLLM(decoder=my_decoder)          # or share an already-loaded HybridSpecDecoder
+    chain = {"context": retriever, "question": RunnablePassthrough()} | attach_documents(prompt) | llm
+
+Documents for drafting: the n-gram drafter indexes the whole prompt, so chunks a chain puts into the prompt are
+drafted from automatically. Extra chunks (e.g. more than fit in the context window) can be given per call,
+`llm.invoke(messages, documents=[...])` (strings or Documents), or travel with the messages in
+`additional_kwargs["hsd_rag_documents"]`, which is what `attach_documents` does. Because the documents travel
+with each request and every generation builds its own drafter, concurrent requests (`batch`, async, threads)
+never draft from each other's chunks.
+
+Stats: `response_metadata` holds finish_reason, stop_reason, tau (tokens per target forward), steps,
+accepted_by_source / drafted_by_source and all of `GenerationStats` under "hsd_rag_stats"; `usage_metadata`
+holds the token counts. When streaming, they arrive on the last chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
+
+from hsd_rag.config import Method
+from hsd_rag.data.prompt import PASSAGE_SEPARATOR
+from hsd_rag.decoder import HybridSpecDecoder
+from hsd_rag.integrations_common import (
+    DOCUMENTS_KEY,
+    GENERATION_KWARGS,
+    INSTALL_HINT,
+    MAX_TOKENS_ALIAS,
+    config_default,
+    default_decoder,
+    document_texts,
+    iterate_in_thread,
+    model_name,
+    result_metadata,
+    split_call_kwargs,
+    usage,
+)
+
+try:
+    from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+    from langchain_core.language_models import LangSmithParams
+    from langchain_core.language_models.chat_models import (
+        BaseChatModel,
+        agenerate_from_stream,
+        generate_from_stream,
+    )
+    from langchain_core.messages import (
+        AIMessage,
+        AIMessageChunk,
+        BaseMessage,
+        ChatMessage,
+        HumanMessage,
+        SystemMessage,
+    )
+    from langchain_core.outputs import ChatGenerationChunk, ChatResult
+    from langchain_core.prompt_values import ChatPromptValue
+    from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+except ImportError as error:
+    raise ImportError(
+        f"hsd_rag.langchain needs the optional package `langchain-core`: `pip install langchain-core` "
+        f"(or `{INSTALL_HINT}`)."
+    ) from error
+
+ADAPTER = "HybridSpecLLM"
+# Constructor arguments of hosted chat models (and LangChain's standard params) that mean nothing for a local
+# model: accepted so configurations written for those models still construct, and ignored.
+REMOTE_ONLY_PARAMS = frozenset({"api_key", "timeout", "max_retries"})
+# Call kwargs LangChain itself uses to steer a call; they are not generation settings.
+LANGCHAIN_CONTROL_KWARGS = ("stream",)
+
+
+def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages -> [{"role", "content"}] for the tokenizer's chat template (text only, no tools)."""
+    if not messages:
+        raise ValueError(
+            f"{ADAPTER} got no messages: pass at least one, e.g. a HumanMessage with the question."
+        )
+    out = []
+    for message in messages:
+        if isinstance(message, AIMessage) and message.tool_calls:
+            raise ValueError(
+                f"{ADAPTER} does not support tool calling (an AIMessage with tool_calls was given)."
+            )
+        if isinstance(message, SystemMessage):
+            role = "system"
+        elif isinstance(message, HumanMessage):
+            role = "user"
+        elif isinstance(message, AIMessage):
+            role = "assistant"
+        elif isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant"):
+            role = message.role
+        else:
+            raise ValueError(
+                f"{ADAPTER} supports system, human and ai messages only, got a {type(message).__name__} "
+                f"(type {message.type!r}); tool and function messages need tool calling, which it does not have."
+            )
+        if isinstance(message.content, list) and any(
+            not isinstance(block, str) and block.get("type") != "text" for block in message.content
+        ):
+            raise ValueError(f"{ADAPTER} takes text only; a {type(message).__name__} held non-text content.")
+        out.append({"role": role, "content": message.text})
+    return out
+
+
+def message_documents(messages: Sequence[BaseMessage]) -> list[str]:
+    """Documents carried by the messages themselves (put there by `attach_documents`)."""
+    return [text for m in messages for text in document_texts(m.additional_kwargs.get(DOCUMENTS_KEY))]
+
+
+class HybridSpecLLM(BaseChatModel):
+    """A local Hugging Face chat model decoded by HybridSpecDecoder: same output as plain decoding, faster.
+
+    Generation settings are fields and can be overridden per call (`llm.invoke(msgs, temperature=0.7)`); the
+    per-call `documents=[...]` adds texts to draft from. See the module docstring for documents and stats.
+    `api_key`, `timeout` and `max_retries` (settings of hosted chat models) are accepted and ignored, so a
+    configuration written for another chat model still constructs; any other unknown name raises ValueError.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    decoder: HybridSpecDecoder | None = Field(
+        default=None,
+        exclude=True,
+        description="An already-loaded decoder to share. None: the embedded default model, loaded on first use "
+        "and shared by every HybridSpecLLM in the process.",
+    )
+    max_new_tokens: int = Field(
+        default=config_default("max_new_tokens"),
+        gt=0,
+        validation_alias=AliasChoices("max_new_tokens", MAX_TOKENS_ALIAS),
+        description="Upper bound on generated tokens (`max_tokens` is accepted as an alias).",
+    )
+    temperature: float = Field(
+        default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
+    )
+    top_p: float = Field(
+        default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass."
+    )
+    top_k: int = Field(
+        default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off."
+    )
+    method: Method | None = Field(
+        default=None,
+        description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
+    )
+    budget: int | Literal["auto"] = Field(
+        default=config_default("budget"), description='Draft tokens verified per target forward, or "auto".'
+    )
+    seed: int | None = Field(
+        default=None, description="Seed for sampling; None uses torch's global generator."
+    )
+    stop: list[str] | None = Field(
+        default=None, description="Default stop strings (a call's `stop` replaces them)."
+    )
+    streaming: bool = Field(
+        default=False, description="Let invoke() go through the streaming path (LangChain's usual switch)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, values: Any) -> Any:
+        """A misspelt setting fails loudly instead of being silently ignored."""
+        if not isinstance(values, dict):
+            return values
+        known = set(cls.model_fields) | {MAX_TOKENS_ALIAS}
+        unknown = sorted(set(values) - known - REMOTE_ONLY_PARAMS)
+        if unknown:
+            raise ValueError(
+                f"{ADAPTER} got unknown argument(s) {', '.join(unknown)}; "
+                f"generation settings are {', '.join((*GENERATION_KWARGS, 'stop'))}."
+            )
+        return {k: v for k, v in values.items() if k not in REMOTE_ONLY_PARAMS}
+
+    # ---- what LangChain asks of a chat model ------------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "hsd-rag"
+
+    @property
+    def model_name(self) -> str:
+        return model_name(self.decoder)
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, **self._settings(), "stop": self.stop}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "hsd_rag"
+        params["ls_model_name"] = kwargs["model"] if isinstance(kwargs.get("model"), str) else self.model_name
+        max_tokens = kwargs.get("max_new_tokens", kwargs.get(MAX_TOKENS_ALIAS, self.max_new_tokens))
+        if isinstance(max_tokens, int):
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        """One chunk per generated token with text, then an empty last chunk with the stats and usage."""
+        decoder = self._decoder()
+        prompt, documents, settings = self._call_args(messages, stop, kwargs)
+        stream = decoder.stream_tokens(prompt, documents, **settings)
+        pieces = iter(stream)
+        try:
+            for piece in pieces:
+                if not piece.text:  # an incomplete character or text held back for a stop string
+                    continue
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            pieces.close()  # frees the decoder at once if the caller stops early
+        result = stream.result
+        last = ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=usage(result.stats),
+                response_metadata=result_metadata(result, model_name(decoder)),
+                chunk_position="last",
+            )
+        )
+        if run_manager:
+            run_manager.on_llm_new_token(last.text, chunk=last)
+        yield last
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """The sync stream run in one worker thread (see `iterate_in_thread`), callbacks fired on the loop."""
+        async for chunk in iterate_in_thread(lambda: self._stream(messages, stop, None, **kwargs)):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+
+    # ---- translation ------------------------------------------------------------------------------------
+
+    def _decoder(self) -> HybridSpecDecoder:
+        return self.decoder if self.decoder is not None else default_decoder()
+
+    def _settings(self) -> dict[str, Any]:
+        settings = {name: getattr(self, name) for name in GENERATION_KWARGS}
+        if settings["method"] is None:
+            del settings["method"]  # the decoder's default_method decides
+        return settings
+
+    def _call_args(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
+        """(chat messages, documents, generation kwargs) for one call; unknown kwargs raise ValueError."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in LANGCHAIN_CONTROL_KWARGS}
+        overrides, documents = split_call_kwargs(kwargs, ADAPTER)
+        prompt = to_chat_messages(messages)
+        settings = {**self._settings(), **overrides}
+        stops = stop if stop is not None else self.stop
+        if stops:
+            settings["stop"] = list(stops)
+        return prompt, message_documents(messages) + document_texts(documents), settings
+
+
+def attach_documents(prompt: Runnable, key: str = "context", separator: str = PASSAGE_SEPARATOR) -> Runnable:
+    """Format `prompt` and attach the documents found under input key `key` to the messages, for drafting.
+
+    `{"context": retriever, "question": RunnablePassthrough()} | attach_documents(prompt) | llm`: the retrieved
+    Documents are joined by `separator` into the prompt's `{context}` (their text, not their repr) and also ride
+    along in the last message's `additional_kwargs["hsd_rag_documents"]`, where HybridSpecLLM picks them up.
+    A string under `key` is used as is and attached as one document.
+    """
+
+    def split(inputs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        if not isinstance(inputs, dict) or key not in inputs:
+            raise ValueError(
+                f"attach_documents expects a dict input with the key {key!r} (the retrieved documents)."
+            )
+        texts = document_texts(inputs[key])
+        if not isinstance(inputs[key], str):
+            inputs = {**inputs, key: separator.join(texts)}
+        return inputs, texts
+
+    def attach(value: Any, texts: list[str]) -> ChatPromptValue:
+        messages = list(value.to_messages())
+        last = messages[-1]
+        extra = {**last.additional_kwargs, DOCUMENTS_KEY: texts}
+        messages[-1] = last.model_copy(update={"additional_kwargs": extra})
+        return ChatPromptValue(messages=messages)
+
+    def run(inputs: dict[str, Any], config: RunnableConfig) -> ChatPromptValue:
+        formatted, texts = split(inputs)
+        return attach(prompt.invoke(formatted, config), texts)
+
+    async def arun(inputs: dict[str, Any], config: RunnableConfig) -> ChatPromptValue:
+        formatted, texts = split(inputs)
+        return attach(await prompt.ainvoke(formatted, config), texts)
+
+    return RunnableLambda(run, afunc=arun, name="attach_documents")

@@ -1,0 +1,273 @@
+"""HybridSpecLLM: the speculative decoder as a LlamaIndex LLM (a thin adapter, no decoding logic here).
+
+    from hsd_rag.llama_index import HybridSpecLLM
+    from hsd_rag.retrieval.llama_index_retriever import build_query_engine
+
+    llm = HybridSpecLLM(decoder=my_decoder)          # or HybridSpecLLM(): the embedded SmolLM2-135M, lazily
+    engine = build_query_engine(folder_index, llm=llm)
+
+Documents for drafting: the n-gram drafter indexes the whole prompt, so the chunks a query engine puts into its
+prompt are drafted from automatically. Extra chunks can be passed per call, `llm.chat(messages,
+documents=[...])` or `llm.complete(prompt, documents=[...])` (strings, nodes or Documents); each generation
+builds its own drafter, so concurrent requests never draft from each other's chunks.
+
+Stats: every response carries the raw `GenerationStats` in `response.raw` and finish_reason, tau, steps,
+accepted_by_source, usage and all stats ("hsd_rag_stats") in `response.additional_kwargs`; when streaming, on
+the last response. A query engine returns only text: read them from the LLM's chat end event with a
+LlamaIndex instrumentation handler (`LLMChatEndEvent.response.raw`), or from the LLM end payload of a handler in
+`Settings.callback_manager` (a query engine's synthesizer replaces the LLM's own callback manager with that one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from hsd_rag.config import Method
+from hsd_rag.decoder import GenerationStream, HybridSpecDecoder
+from hsd_rag.integrations_common import (
+    DOCUMENTS_KEY,
+    GENERATION_KWARGS,
+    INSTALL_HINT,
+    config_default,
+    default_decoder,
+    document_texts,
+    iterate_in_thread,
+    model_name,
+    result_metadata,
+    split_call_kwargs,
+)
+from hsd_rag.stats import GenerationResult
+
+try:
+    from llama_index.core.base.llms.types import TextBlock
+    from llama_index.core.llms import (
+        ChatMessage,
+        ChatResponse,
+        ChatResponseAsyncGen,
+        ChatResponseGen,
+        CompletionResponse,
+        CompletionResponseAsyncGen,
+        CompletionResponseGen,
+        CustomLLM,
+        LLMMetadata,
+        MessageRole,
+    )
+    from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+except ImportError as error:
+    raise ImportError(
+        f"hsd_rag.llama_index needs the optional package `llama-index-core`: `pip install llama-index-core` "
+        f"(or `{INSTALL_HINT}`)."
+    ) from error
+
+ADAPTER = "HybridSpecLLM"
+DEFAULT_CONTEXT_WINDOW = 2048  # reported only for models whose config names no max_position_embeddings
+ROLES = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+}
+
+
+def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """LlamaIndex messages -> [{"role", "content"}] for the tokenizer's chat template (text only, no tools)."""
+    if not messages:
+        raise ValueError(
+            f"{ADAPTER} got no messages: pass at least one, e.g. a user message with the question."
+        )
+    out = []
+    for message in messages:
+        if message.role not in ROLES:
+            raise ValueError(
+                f"{ADAPTER} supports system, user and assistant messages only, got role {message.role.value!r}; "
+                "tool and function messages need tool calling, which it does not have."
+            )
+        if any(not isinstance(block, TextBlock) for block in message.blocks):
+            raise ValueError(
+                f"{ADAPTER} takes text only; a {message.role.value} message held non-text content."
+            )
+        out.append({"role": ROLES[message.role], "content": message.content or ""})
+    return out
+
+
+class HybridSpecLLM(CustomLLM):
+    """A local Hugging Face chat model decoded by HybridSpecDecoder: same output as plain decoding, faster.
+
+    Chat messages go through the tokenizer's chat template; a completion prompt is sent as one user message
+    (after a system message when `system_prompt` is set and the prompt is not `formatted`). Generation settings
+    are fields and can be overridden per call; `documents=[...]` adds texts to draft from.
+    """
+
+    max_new_tokens: int = Field(
+        default=config_default("max_new_tokens"), gt=0, description="Upper bound on generated tokens."
+    )
+    temperature: float = Field(
+        default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
+    )
+    top_p: float = Field(
+        default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass."
+    )
+    top_k: int = Field(
+        default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off."
+    )
+    method: Method | None = Field(
+        default=None,
+        description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
+    )
+    budget: int | Literal["auto"] = Field(
+        default=config_default("budget"), description='Draft tokens verified per target forward, or "auto".'
+    )
+    seed: int | None = Field(
+        default=None, description="Seed for sampling; None uses torch's global generator."
+    )
+    stop: list[str] | None = Field(
+        default=None, description="Stop strings: the answer ends before the first one."
+    )
+
+    _decoder: HybridSpecDecoder | None = PrivateAttr(default=None)
+
+    def __init__(self, decoder: HybridSpecDecoder | None = None, **kwargs: Any):
+        """`decoder`: an already-loaded decoder to share; None loads the embedded default on first use."""
+        super().__init__(**kwargs)
+        self._decoder = decoder
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, values: Any) -> Any:
+        """A misspelt setting fails loudly instead of being silently ignored."""
+        if isinstance(values, dict):
+            unknown = sorted(set(values) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"{ADAPTER} got unknown argument(s) {', '.join(unknown)}.")
+        return values
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "HybridSpecLLM"
+
+    @property
+    def decoder(self) -> HybridSpecDecoder:
+        """The shared decoder (the default model is loaded here, on first use)."""
+        return self._decoder if self._decoder is not None else default_decoder()
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        decoder = self.decoder
+        return LLMMetadata(
+            context_window=decoder.context_window or DEFAULT_CONTEXT_WINDOW,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=model_name(decoder),
+        )
+
+    # ---- completion: one user message through the chat template -------------------------------------------
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._completion(self._generate(self._completion_messages(prompt, formatted), kwargs))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        stream = self._start(self._completion_messages(prompt, formatted), kwargs)  # bad kwargs fail here
+        return self._responses(stream, self._completion_piece)
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        messages = self._completion_messages(prompt, formatted)
+        return self._completion(await asyncio.to_thread(self._generate, messages, kwargs))
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        stream = self._start(self._completion_messages(prompt, formatted), kwargs)
+        return iterate_in_thread(lambda: self._responses(stream, self._completion_piece))
+
+    # ---- chat ------------------------------------------------------------------------------------------------
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(self._generate(messages, kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        stream = self._start(messages, kwargs)
+        return self._responses(stream, self._chat_piece)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(await asyncio.to_thread(self._generate, messages, kwargs))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        stream = self._start(messages, kwargs)
+        return iterate_in_thread(lambda: self._responses(stream, self._chat_piece))
+
+    # ---- translation -----------------------------------------------------------------------------------------
+
+    def _completion_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
+        messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+        if self.system_prompt and not formatted:
+            messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
+        return messages
+
+    def _start(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> GenerationStream:
+        """Validate the call and open the decoder's token stream (no model work until it is iterated)."""
+        overrides, documents = split_call_kwargs(kwargs, ADAPTER)
+        settings = {name: getattr(self, name) for name in GENERATION_KWARGS}
+        if settings["method"] is None:
+            del settings["method"]  # the decoder's default_method decides
+        settings.update(overrides)
+        if self.stop:
+            settings["stop"] = list(self.stop)
+        carried = [text for m in messages for text in document_texts(m.additional_kwargs.get(DOCUMENTS_KEY))]
+        return self.decoder.stream_tokens(
+            to_chat_messages(messages), carried + document_texts(documents), **settings
+        )
+
+    def _generate(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> GenerationResult:
+        stream = self._start(messages, kwargs)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def _metadata(self, result: GenerationResult) -> dict[str, Any]:
+        return result_metadata(result, model_name(self.decoder))
+
+    def _completion(self, result: GenerationResult) -> CompletionResponse:
+        return CompletionResponse(
+            text=result.text, raw=result.stats, additional_kwargs=self._metadata(result)
+        )
+
+    def _chat(self, result: GenerationResult) -> ChatResponse:
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text)
+        return ChatResponse(message=message, raw=result.stats, additional_kwargs=self._metadata(result))
+
+    @staticmethod
+    def _completion_piece(text: str, delta: str) -> CompletionResponse:
+        return CompletionResponse(text=text, delta=delta)
+
+    @staticmethod
+    def _chat_piece(text: str, delta: str) -> ChatResponse:
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+
+    def _responses(self, stream: GenerationStream, piece: Callable[[str, str], Any]) -> Iterator[Any]:
+        """Cumulative text + delta per generated token, then a last response (empty delta) with the stats."""
+        text = ""
+        pieces = iter(stream)
+        try:
+            for token in pieces:
+                if token.text:  # empty while a character is incomplete or text is held back for a stop string
+                    text += token.text
+                    yield piece(text, token.text)
+        finally:
+            pieces.close()  # frees the decoder at once if the caller stops early
+        last = piece(stream.result.text, "")
+        last.raw, last.additional_kwargs = stream.result.stats, self._metadata(stream.result)
+        yield last

@@ -1,0 +1,49 @@
+"""LangChain's own chat-model contract (langchain-tests), on a tiny random model with SmolLM2's chat template."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from hsd_rag.langchain import HybridSpecLLM
+from tests.tiny_models import smollm2_chat_decoder
+
+SMOLLM2_VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def chat_decoder():
+    """A ~3M-parameter random Llama over the real SmolLM2 tokenizer (so the chat template is the real one)."""
+    return smollm2_chat_decoder()
+
+
+class TestHybridSpecLLMStandard(ChatModelUnitTests):
+    """Capability flags are the truth: no tools, no structured output, no images/audio/PDF, text in and out."""
+
+    @pytest.fixture(autouse=True)
+    def _decoder(self, chat_decoder):
+        self.decoder = chat_decoder
+
+    @property
+    def chat_model_class(self):
+        return HybridSpecLLM
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"decoder": self.decoder}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one HybridSpecLLM wraps one loaded model; a per-call `model=` raises ValueError

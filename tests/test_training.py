@@ -1,0 +1,232 @@
+"""EAGLE-3 head training on a tiny random Llama target: TTT semantics, vocabulary maps, loss, save/load, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hsd_rag.decoder import HybridSpecDecoder
+from hsd_rag.heads import Eagle3Head, load_head
+from hsd_rag.training import TrainConfig, train_head
+from hsd_rag.training.api import export_head
+from hsd_rag.training.batches import FIRST_PREDICTION_OFFSET, collate
+from hsd_rag.training.data import conversation_from_record, encode
+from hsd_rag.training.features import FeatureStore, compute_sample, fit_length
+from hsd_rag.training.trainer import Item, Trainer, init_head
+from hsd_rag.training.ttt import UnrolledHead, shifted_tokens
+from hsd_rag.training.vocab import coverage, select_draft_vocab, vocab_maps
+from tests.tiny_models import IdTokenizer, tiny_model
+
+VOCAB = 256
+HIDDEN = 64
+LAYERS = 4
+DRAFT_VOCAB = 64
+STEPS = 5  # unroll depth used in the tests
+SEQUENCES = 8
+PROMPT_LEN, ANSWER_LEN = 24, 12
+
+
+class ChatIdTokenizer(IdTokenizer):
+    """IdTokenizer with a trivial chat template: each turn's content is its space-separated ids."""
+
+    chat_template = "ids"
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False):
+        return [int(t) for m in messages for t in m["content"].split()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and spinning threads crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama", vocab=VOCAB, layers=LAYERS, hidden=HIDDEN)
+
+
+@pytest.fixture(scope="module")
+def items(target):
+    """Prompts of random ids answered greedily by the target (self-distillation data, as the recipe makes)."""
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    with torch.no_grad():
+        for i in range(SEQUENCES):
+            prompt = torch.randint(2, VOCAB, (1, PROMPT_LEN), generator=generator)
+            full = target.generate(prompt, max_new_tokens=ANSWER_LEN, do_sample=False, min_new_tokens=ANSWER_LEN)
+            out.append(Item(f"seq{i}", full[0].tolist(), PROMPT_LEN))
+    return out
+
+
+def draft_ids(items) -> torch.Tensor:
+    answers = [i.input_ids[i.answer_start :] for i in items]
+    prompts = [i.input_ids[: i.answer_start] for i in items]
+    return select_draft_vocab(answers, VOCAB, DRAFT_VOCAB, prompts)
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    fields = dict(
+        output_dir=tmp_path,
+        steps=12,
+        batch_size=2,
+        lr=3e-3,
+        warmup_steps=2,
+        ttt_steps=STEPS,
+        draft_vocab_size=DRAFT_VOCAB,
+        eval_every=1000,
+        checkpoint_every=1000,
+        log_every=1,
+        seed=0,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def make_trainer(target, items, cfg, vocab=None) -> Trainer:
+    vocab = draft_ids(items) if vocab is None else vocab
+    store = FeatureStore(target, vocab, cfg.output_dir / "features", torch.float16)
+    head = init_head(target, vocab, cfg)
+    return Trainer(head, store, items[2:], items[:2], cfg, progress=False)
+
+
+# ---- semantics -----------------------------------------------------------------------------------------------
+
+
+def test_unrolled_steps_equal_the_head_drafting_with_a_cache_and_tree_mask(target):
+    """Step j of the unroll == head.forward over a cache of steps 0..j-1 with a causal block and one diagonal
+    block per earlier step, at positions t + j: exactly how EagleDrafter runs a draft chain."""
+    torch.manual_seed(1)
+    head = Eagle3Head.from_target(target, draft_vocab_size=DRAFT_VOCAB)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.normal_(0, 0.2)
+    length, window = 13, 5
+    features = torch.randn(2, length, 3 * HIDDEN)
+    ids = torch.randint(0, VOCAB, (2, length))
+    unrolled = UnrolledHead(head).hidden_states(features, ids, STEPS, window_start=window)
+
+    neg = torch.finfo(torch.float32).min
+    causal = torch.zeros(length, length).masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), neg)
+    diagonal = torch.full((length, length), neg).fill_diagonal_(0)
+    cache, hidden = head.new_cache(), features
+    for step in range(STEPS):
+        mask = torch.cat([causal] + [diagonal] * step, dim=1)[None, None]
+        positions = (torch.arange(length) + step)[None]
+        out = head(hidden, shifted_tokens(ids, step), positions, mask if step else None, cache)
+        hidden = out.hidden
+        expected = hidden if step == 0 else hidden[:, window:]
+        torch.testing.assert_close(unrolled[step], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_collated_rows_pair_each_step_with_the_token_it_predicts(target, items):
+    vocab = draft_ids(items)
+    samples = [compute_sample(target, i.input_ids, i.answer_start, vocab, torch.float32) for i in items[:3]]
+    batch = collate(samples, STEPS)
+    assert len(batch.rows) == STEPS
+    for step, (batch_index, position_index) in enumerate(batch.rows):
+        for n, (b, t) in enumerate(zip(batch_index.tolist(), position_index.tolist(), strict=True)):
+            predicted = t + FIRST_PREDICTION_OFFSET + step  # the token this row's logits predict
+            sample = samples[b]
+            assert sample.answer_start <= predicted < sample.length
+            assert t >= batch.window_start or step == 0
+            # greedy self-generated answers: the target's argmax is the next token
+            assert batch.target_top1[step][n].item() == sample.input_ids[predicted].item()
+    full = target(torch.tensor([items[0].input_ids])).logits[0].float()
+    start = items[0].answer_start
+    torch.testing.assert_close(samples[0].teacher, full[start - 1 : -1][:, vocab], atol=1e-4, rtol=1e-4)
+
+
+def test_draft_vocab_maps_are_consistent(target, items):
+    vocab = draft_ids(items)
+    assert vocab.numel() == DRAFT_VOCAB and bool((vocab[1:] > vocab[:-1]).all())
+    answer_tokens = {t for i in items for t in i.input_ids[i.answer_start :]}
+    if len(answer_tokens) <= DRAFT_VOCAB:  # every answer token ranks before prompt-only tokens
+        assert answer_tokens <= set(vocab.tolist())
+    d2t, t2d = vocab_maps(vocab, VOCAB)
+    head = init_head(target, vocab, TrainConfig(draft_vocab_size=DRAFT_VOCAB))
+    assert torch.equal(head.d2t, d2t) and torch.equal(head.t2d, t2d)
+    draft = torch.arange(DRAFT_VOCAB)
+    assert torch.equal(head.to_target_ids(draft), vocab)
+    assert int(t2d.sum()) == DRAFT_VOCAB and bool(t2d[vocab].all())
+    assert coverage(vocab, [i.input_ids[i.answer_start :] for i in items], VOCAB) == pytest.approx(
+        len([t for i in items for t in i.input_ids[i.answer_start :] if t in set(vocab.tolist())])
+        / sum(len(i.input_ids) - i.answer_start for i in items)
+    )
+    forced = select_draft_vocab([[5, 5, 6]], VOCAB, 2, always=[200])
+    assert forced.tolist() == [5, 200]
+
+
+def test_fit_length_keeps_the_answer_and_the_end_of_the_prompt():
+    ids, start = fit_length(list(range(10)), [100, 101, 102], 8)
+    assert ids == [5, 6, 7, 8, 9, 100, 101, 102] and start == 5
+    ids, start = fit_length([1, 2], list(range(100, 120)), 6)
+    assert start == 1 and ids == [2, 100, 101, 102, 103, 104]
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_and_the_saved_head_loads(tmp_path, target, items):
+    cfg = config(tmp_path, steps=24)
+    torch.manual_seed(0)
+    trainer = make_trainer(target, items, cfg)
+    trainer.eval_items = trainer.train_items  # 6 random sequences: the check is that it fits them
+    before = trainer.evaluate()
+    losses = [trainer.train_step()[0] for _ in range(cfg.steps)]
+    after = trainer.evaluate()
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert after.weighted_loss(cfg.ttt_decay) < before.weighted_loss(cfg.ttt_decay)
+
+    saved = export_head(trainer.head, tmp_path / "head", torch.bfloat16)
+    loaded = load_head(saved, target)
+    assert isinstance(loaded, Eagle3Head) and loaded.fc.weight.dtype == target.dtype
+    assert torch.equal(loaded.d2t, trainer.head.d2t) and torch.equal(loaded.t2d, trainer.head.t2d)
+    for name, value in trainer.head.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(loaded.state_dict()[name], value.to(torch.bfloat16).float())
+
+
+def test_resume_continues_with_identical_losses(tmp_path, target, items):
+    steps, split = 8, 4
+    full = make_trainer(target, items, config(tmp_path / "a", steps=steps))
+    reference = [full.train_step()[0] for _ in range(steps)]
+
+    first = make_trainer(target, items, config(tmp_path / "b", steps=steps))
+    for _ in range(split):
+        first.train_step()
+    first.save_checkpoint()
+    resumed = make_trainer(target, items, config(tmp_path / "b", steps=steps))
+    assert resumed.load_latest() and resumed.step == split
+    assert resumed.scheduler.last_epoch == split
+    continued = [resumed.train_step()[0] for _ in range(steps - split)]
+    assert continued == pytest.approx(reference[split:], rel=1e-6, abs=1e-7)
+
+
+def test_train_head_end_to_end_from_prompts_answered_by_the_target(tmp_path, target):
+    decoder = HybridSpecDecoder(target, ChatIdTokenizer())
+    generator = torch.Generator().manual_seed(3)
+    records = [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": " ".join(map(str, row.tolist()))}]}
+        for i, row in enumerate(torch.randint(2, VOCAB, (6, 16), generator=generator))
+    ]
+    records.append(  # a conversation whose answer is given: it is tokenized, not generated
+        {"messages": [{"role": "user", "content": "5 6 7"}, {"role": "assistant", "content": "8 9 1"}]}
+    )
+    from hsd_rag.training import RecipeConfig
+
+    recipe = RecipeConfig(cache=tmp_path / "answers.jsonl", max_new_tokens=8)
+    cfg = config(tmp_path / "out", steps=4, eval_fraction=0.3, eval_every=2, checkpoint_every=2)
+    head = train_head(decoder, config=cfg, conversations=records, recipe=recipe, progress=False)
+    assert isinstance(head, Eagle3Head)
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 6  # generated answers are cached
+    report = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert report["steps"] == 4 and report["conversations"] == 7
+    assert load_head(tmp_path / "out", target).draft_vocab_size == DRAFT_VOCAB
+    given = conversation_from_record(records[-1])
+    assert encode(decoder, given) == ([5, 6, 7], [8, 9, 1])
