@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from hsd_rag.bench.datasets import DATASET_NAMES_HELP
+
 
 def _decoder(args):
     from hsd_rag import HybridSpecDecoder
@@ -27,7 +29,8 @@ def _cmd_bench(args) -> int:
     from hsd_rag.bench.runner import run_benchmark
 
     dec = _decoder(args)
-    cases = load_cases(args.dataset, limit=args.limit)
+    cases = load_cases(args.dataset, limit=args.limit, tokenizer=dec.tokenizer,
+                       max_context_tokens=args.max_context_tokens)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [b if b == "auto" else int(b) for b in str(args.budgets).split(",")]
     records = run_benchmark(dec, cases, methods, budgets, args.max_new_tokens, args.temperature, seed=args.seed)
@@ -79,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="τ, tokens/s and speedup of each method against HF generate, interleaved")
     _add_model_args(p)
-    p.add_argument("--dataset", default="builtin-en", help="builtin-en / builtin-fr / builtin-es or a .jsonl path")
+    p.add_argument("--dataset", default="builtin-en", help=f"{DATASET_NAMES_HELP}; comma-separated for several")
+    p.add_argument("--max-context-tokens", type=int, default=2800, help="cap on a prompt's documents (hub sets)")
     p.add_argument("--methods", default="ngram", help="comma-separated: vanilla,ngram,eagle,hybrid-fixed,hybrid")
     p.add_argument("--budgets", default="16", help="comma-separated draft budgets, e.g. 4,8,16,auto")
     p.add_argument("--limit", type=int, default=8, help="number of prompts")
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as err:
         print(f"hsd-rag: error: {err}", file=sys.stderr)
         return 2
 

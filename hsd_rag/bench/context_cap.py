@@ -20,7 +20,7 @@ def cap_documents(documents: Sequence[str], max_tokens: int, tokenizer=None) -> 
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     out: list[str] = []
-    room = max_tokens
+    room = max_tokens if tokenizer is not None else max_tokens * CHARS_PER_TOKEN  # in tokens, or characters
     for doc in documents:
         if room <= 0:
             break
@@ -32,11 +32,10 @@ def cap_documents(documents: Sequence[str], max_tokens: int, tokenizer=None) -> 
 
 
 def _cut(doc: str, room: int, tokenizer) -> tuple[str, int]:
-    """(the part of `doc` that fits in `room` tokens, the tokens it uses)."""
+    """(the part of `doc` that fits in `room` units, the units it uses): tokens, or characters without tokenizer."""
     if tokenizer is None:
-        limit = room * CHARS_PER_TOKEN
-        kept = doc[:limit]
-        return kept, -(-len(kept) // CHARS_PER_TOKEN)  # ceil: a partial token still takes a position
+        kept = doc[:room]
+        return kept, len(kept)
     ids = tokenizer(doc, add_special_tokens=False).input_ids
     if len(ids) <= room:
         return doc, len(ids)

@@ -80,10 +80,12 @@ def load_hub_rows(path: str, name: str | None = None, *, split: str, data_files:
     return [dict(row) for row in rows]
 
 
-def field(row: dict, name: str, what: str):
+def required_field(row: dict, name: str, what: str):
     """`row[name]`, or a ValueError saying the upstream schema changed (with the fields it has now)."""
     if name not in row:
-        raise ValueError(f"{what}: rows have no field {name!r} (fields: {sorted(row)}); the upstream schema changed.")
+        raise ValueError(
+            f"{what}: rows have no field {name!r} (fields: {sorted(row)}); the upstream schema changed."
+        )
     return row[name]
 
 
@@ -100,12 +102,14 @@ def load_ragbench(subset: str, limit: int | None = None, tokenizer=None,
         raise ValueError(f"Unknown RAGBench subset {subset!r}; choose one of: {', '.join(RAGBENCH_SUBSETS)}.")
     what = f"RAGBench subset {subset!r} ({RAGBENCH_REPO}, {RAGBENCH_SPLIT} split)"
     rows = load_hub_rows(RAGBENCH_REPO, subset, split=RAGBENCH_SPLIT, what=what)
-    rows = stable_sample(rows, lambda row: str(field(row, "id", what)), limit)
+    rows = stable_sample(rows, lambda row: str(required_field(row, "id", what)), limit)
     return [
         RagExample(
-            id=f"{subset}-{field(row, 'id', what)}",
-            question=field(row, "question", what),
-            documents=cap_documents(list(field(row, "documents", what)), max_context_tokens, tokenizer),
+            id=f"{subset}-{required_field(row, 'id', what)}",
+            question=required_field(row, "question", what),
+            documents=cap_documents(
+                list(required_field(row, "documents", what)), max_context_tokens, tokenizer
+            ),
             answer=row.get("response"),
             lang="en",
         )
@@ -123,16 +127,22 @@ def load_specbench_rag(limit: int | None = None) -> list[RagExample]:
     """Spec-Bench's RAG category (80 prompts with their passages inside the turn)."""
     what = f"Spec-Bench ({SPEC_BENCH_URL})"
     rows = load_hub_rows("json", split="train", data_files=SPEC_BENCH_URL, what=what)
-    rows = [row for row in rows if field(row, "category", what) == SPEC_BENCH_RAG_CATEGORY]
+    rows = [row for row in rows if required_field(row, "category", what) == SPEC_BENCH_RAG_CATEGORY]
     if not rows:
         raise ValueError(f"{what}: no prompt has category {SPEC_BENCH_RAG_CATEGORY!r}; the file changed.")
-    rows = stable_sample(rows, lambda row: str(field(row, "question_id", what)), limit)
-    return [_first_turn_example(f"specbench-{row['question_id']}", field(row, "turns", what)[0]) for row in rows]
+    rows = stable_sample(rows, lambda row: str(required_field(row, "question_id", what)), limit)
+    return [
+        _first_turn_example(f"specbench-{row['question_id']}", required_field(row, "turns", what)[0])
+        for row in rows
+    ]
 
 
 def load_mtbench(limit: int | None = None) -> list[RagExample]:
     """MT-bench first turns: the non-RAG control (no documents)."""
     what = f"MT-bench ({MTBENCH_REPO})"
     rows = load_hub_rows(MTBENCH_REPO, split=MTBENCH_SPLIT, what=what)
-    rows = stable_sample(rows, lambda row: str(field(row, "prompt_id", what)), limit)
-    return [_first_turn_example(f"mtbench-{row['prompt_id']}", field(row, "prompt", what)[0]) for row in rows]
+    rows = stable_sample(rows, lambda row: str(required_field(row, "prompt_id", what)), limit)
+    return [
+        _first_turn_example(f"mtbench-{row['prompt_id']}", required_field(row, "prompt", what)[0])
+        for row in rows
+    ]

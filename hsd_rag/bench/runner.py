@@ -100,9 +100,10 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
         )
     wall = time.perf_counter() - start
     new = out[0, len(prompt) :].tolist()
+    stop = "eos" if new and new[-1] in decoder.eos_token_ids else "length"
     return BenchRecord(
         case.id, case.dataset, BASELINE, BASELINE_BUDGET, temperature, len(prompt), len(new), len(new), wall,
-        tokens_by_label={"target": len(new)}, token_ids=new,
+        tokens_by_label={"target": len(new)}, stop_reason=stop, token_ids=new,
     )
 
 
