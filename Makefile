@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 QUESTION ?= Who designed the Eiffel Tower?
 
-.PHONY: setup qa test lint
+.PHONY: setup qa test lint web
 
 setup:
 	@bash scripts/setup.sh
@@ -11,8 +11,12 @@ setup:
 qa: setup  ## Ask the bundled documents a question with the embedded default model (offline)
 	@$(BIN)/hsd-rag qa examples/docs "$(QUESTION)"
 
-test: setup  ## The test suite (what CI runs)
+test: setup  ## The test suite and the tutorial notebooks (what CI runs)
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --nbmake notebooks/
+
+web: setup  ## The example web page over examples/docs on http://127.0.0.1:8000/
+	@$(BIN)/python examples/web_app.py examples/docs
 
 lint: setup
 	@$(BIN)/ruff check hsd_rag tests examples

@@ -21,8 +21,7 @@ from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
 from hsd_rag.stats import GenerationResult, GenerationStats
 from hsd_rag.tree import SOURCE_TARGET, source_names
 from hsd_rag.verify import (
-    accept_greedy,
-    accept_sampling,
+    accept,
     cache_kwarg_name,
     forward_tree,
     keep_accepted,
@@ -266,10 +265,7 @@ class HybridSpecDecoder:
                 t_draft = time.perf_counter()
                 # 3. verify every node in one target forward, 4. accept
                 logits = forward_tree(self.model, cache, tree, past, self._cache_arg)
-                if cfg.greedy:
-                    acc = accept_greedy(tree, logits)
-                else:
-                    acc = accept_sampling(tree, logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+                acc = accept(tree, logits, cfg, generator)
                 t_verify = time.perf_counter()
                 # 5. roll the cache back to the accepted path
                 keep_accepted(cache, past, acc.nodes)

@@ -114,6 +114,13 @@ def accept_sampling(
     return Acceptance(path, int(bonus))
 
 
+def accept(tree: TokenTree, logits: torch.Tensor, config, generator: torch.Generator | None) -> Acceptance:
+    """Greedy when `config.temperature == 0`, else lossless tree speculative sampling."""
+    if config.greedy:
+        return accept_greedy(tree, logits)
+    return accept_sampling(tree, logits, config.temperature, config.top_k, config.top_p, generator)
+
+
 def _cache_layers(cache):
     layers = getattr(cache, "layers", None)
     if layers is not None:

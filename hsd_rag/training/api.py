@@ -110,7 +110,14 @@ def train_head(
 
     head = init_head(model, draft_to_target, config)
     feature_dir = Path(config.output_dir) / FEATURE_DIR if config.cache_features else None
-    store = FeatureStore(model, draft_to_target, feature_dir, getattr(torch, config.feature_dtype))
+    store = FeatureStore(
+        model,
+        draft_to_target,
+        feature_dir,
+        getattr(torch, config.feature_dtype),
+        config.prompt_chains,
+        config.ttt_steps,
+    )
     trainer = Trainer(head, store, train_items, eval_items, config, progress)
     head = trainer.fit()
     if trainer.runtime.is_main:

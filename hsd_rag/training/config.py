@@ -13,7 +13,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 class TrainConfig(BaseModel):
     """Everything `train_head` needs besides the target and the conversations."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     output_dir: Path = Path("eagle3-head")
     """Where the trained head (`config.json` + `model.safetensors`), checkpoints and the feature cache go."""
@@ -42,6 +42,13 @@ class TrainConfig(BaseModel):
     """Training-time test unroll depth K: the head predicts K tokens ahead, feeding back its own outputs."""
     ttt_decay: float = Field(0.8, gt=0, le=1)
     """Loss weight of unroll step j is `ttt_decay ** j` (the reference's 0.8)."""
+    prompt_chains: int = Field(8, ge=0)
+    """Unrolls started inside the prompt per conversation (random starts, fixed per conversation): the target's
+    own next-token distribution is known at every prompt position too, and RAG prompts are ~10x longer than
+    their answers, so these extra self-distillation rows multiply the supervision of a small data set. 0 trains
+    on answer tokens only, as the reference does."""
+    prompt_weight: float = Field(0.5, ge=0)
+    """Loss weight of a prompt-chain row relative to an answer row."""
     draft_vocab_size: int | None = Field(8192, gt=0)
     """Draft vocabulary size (most frequent target tokens of the training answers); None = the whole target
     vocabulary. docs/TRAINING.md gives the coverage measured for the default model."""
@@ -86,7 +93,7 @@ class RecipeConfig(BaseModel):
     """The built-in offline training data: RAG prompts of the train split plus general instructions, all answered
     by the target itself (greedy) so the head learns the target's own distribution."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     languages: list[Literal["en", "fr", "es"]] = ["en"]
     """Built-in RAG prompt sets to use (train side of the held-out split only)."""

@@ -1,16 +1,18 @@
 r"""The TTT loss and per-depth accuracy.
 
-For unroll step j with scored rows n (answer tokens only):
+For unroll step j with scored rows n (answer tokens, plus prompt-chain rows weighted by w_n = `prompt_weight`;
+answer rows have w_n = 1):
 
     p_n = softmax(teacher logits of row n over the draft vocabulary)       (the target's distribution, restricted
                                                                              to the draft vocab and renormalised)
     m_n = [the target's full-vocabulary argmax of row n is in the draft vocab]
-    L_j = sum_n m_n * CE(p_n, log_softmax(head logits_n)) / max(1, sum_n m_n)
+    L_j = sum_n w_n m_n CE(p_n, log_softmax(head logits_n)) / max(1, sum_n w_n m_n)
     L   = sum_j decay^j * L_j
 
-Rows whose target argmax the head cannot even propose carry no loss (as in the reference). Accuracy at depth j
-is over *all* rows: the head's argmax mapped to target ids equals the target's argmax, i.e. the chance that a
-greedy draft at that depth is accepted given a correct prefix.
+Rows whose target argmax the head cannot even propose carry no loss (as in the reference). The reported
+statistics cover answer rows only. Accuracy at depth j is over *all* answer rows: the head's argmax mapped to
+target ids equals the target's argmax, i.e. the chance that a greedy draft at that depth is accepted given a
+correct prefix.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from hsd_rag.training.batches import StepRows
 
 
 @dataclass
@@ -49,27 +53,28 @@ class DepthStats:
 
 def ttt_loss(
     logits: list[torch.Tensor],  # per step [N_j, V_draft]
-    teacher: list[torch.Tensor],  # per step [N_j, V_draft]
-    target_top1: list[torch.Tensor],  # per step [N_j] target ids
+    steps: list[StepRows],  # per step: teacher logits, target argmax, answer flags of the same rows
     d2t: torch.Tensor,  # [V_draft] draft -> target offsets
     t2d: torch.Tensor,  # [V] bool
     decay: float,
+    prompt_weight: float = 0.0,
 ) -> tuple[torch.Tensor, DepthStats]:
-    """(weighted loss to back-propagate, detached per-depth sums)."""
+    """(weighted loss to back-propagate, detached per-depth sums over answer rows)."""
     total = logits[0].new_zeros((), dtype=torch.float32)
     stats = DepthStats()
-    for step, (step_logits, step_teacher, top1) in enumerate(zip(logits, teacher, target_top1, strict=True)):
+    for step, (step_logits, rows) in enumerate(zip(logits, steps, strict=True)):
         log_q = F.log_softmax(step_logits.float(), dim=-1)
-        p = F.softmax(step_teacher.float(), dim=-1)
-        mask = t2d[top1].float()  # [N]
+        p = F.softmax(rows.teacher.float(), dim=-1)
+        in_vocab = t2d[rows.target_top1].float()  # m_n
+        answer = rows.in_answer.float()
+        weight = in_vocab * (answer + prompt_weight * (1 - answer))  # w_n m_n
         ce = -(p * log_q).sum(-1)  # [N]
-        counted = mask.sum()
-        total = total + decay**step * (ce * mask).sum() / counted.clamp(min=1)
+        total = total + decay**step * (ce * weight).sum() / weight.sum().clamp(min=1)
         with torch.no_grad():
             draft = step_logits.argmax(-1)
-            correct = (draft + d2t[draft]) == top1
-            stats.loss.append(float((ce * mask).sum()))
-            stats.counted.append(int(counted))
+            correct = ((draft + d2t[draft]) == rows.target_top1).float() * answer
+            stats.loss.append(float((ce * in_vocab * answer).sum()))
+            stats.counted.append(int((in_vocab * answer).sum()))
             stats.correct.append(int(correct.sum()))
-            stats.rows.append(int(top1.numel()))
+            stats.rows.append(int(answer.sum()))
     return total, stats

@@ -139,9 +139,14 @@ class Trainer:
 
     def _loss(self, model, batch) -> tuple[torch.Tensor, DepthStats]:
         with self.runtime.autocast():
-            logits = model(batch.features, batch.input_ids, batch.rows, batch.window_start)
+            logits = model(batch.features, batch.input_ids, batch.rows, batch.query_positions)
         return ttt_loss(
-            logits, batch.teacher, batch.target_top1, self.head.d2t, self.head.t2d, self.config.ttt_decay
+            logits,
+            batch.steps,
+            self.head.d2t,
+            self.head.t2d,
+            self.config.ttt_decay,
+            self.config.prompt_weight,
         )
 
     def train_step(self) -> tuple[float, DepthStats]:

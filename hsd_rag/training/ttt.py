@@ -20,8 +20,8 @@ positions above, s = 1/sqrt(head_dim)):
     out^j_t   = softmax([a^0_{t,0..t}, a^1_t .. a^j_t]) · [v^0_{0..t}, v^1_t .. v^j_t]
 
 so step 0 is ordinary causal attention and every later step adds j "diagonal" scores instead of a T x jT mask.
-A later step only matters at positions whose chain reaches a loss position, so steps j >= 1 run on the window
-t >= `window_start` only (queries and chain keys); their prefix keys are still all of step 0. This equals `head.forward` with a `HeadKVCache` holding steps 0..j-1 and a block mask (causal block, then one
+A later step only matters at positions whose chain reaches a scored row, so steps j >= 1 run on a set of
+*query positions* only (queries and chain keys); their prefix keys are still all of step 0. This equals `head.forward` with a `HeadKVCache` holding steps 0..j-1 and a block mask (causal block, then one
 diagonal block per earlier step); tests/test_training.py checks the two agree. Gradients flow through the
 whole unroll (no detach between steps), as in the reference.
 """
@@ -62,54 +62,58 @@ class UnrolledHead(nn.Module):
         self,
         features: torch.Tensor,  # [B, T, 3H] target features
         input_ids: torch.Tensor,  # [B, T]
-        rows: list[tuple[torch.Tensor, torch.Tensor]],  # per step: (batch index [N_j], position index [N_j])
-        window_start: int = 0,  # steps >= 1 run on positions >= window_start only
+        rows: list[tuple[torch.Tensor, torch.Tensor]],  # per step: (batch index [N_j], slot [N_j])
+        query_positions: torch.Tensor | None = None,  # [B, W] positions steps >= 1 run on; None = all
     ) -> list[torch.Tensor]:
-        """Draft-vocabulary logits [N_j, V_draft] of every step j < len(rows) at the requested positions."""
-        outputs = self.hidden_states(features, input_ids, len(rows), window_start)
-        logits = []
-        for step, (batch_index, position_index) in enumerate(rows):
-            offset = 0 if step == 0 else window_start
-            picked = outputs[step][batch_index, position_index - offset]  # [N_j, H]
-            logits.append(self.head.lm_head(self.head.norm(picked)))
-        return logits
+        """Draft-vocabulary logits [N_j, V_draft] of every step j < len(rows) at the requested rows.
+
+        A row's slot is its head position at step 0 and its index into `query_positions` at later steps.
+        """
+        outputs = self.hidden_states(features, input_ids, len(rows), query_positions)
+        return [
+            self.head.lm_head(self.head.norm(outputs[step][batch_index, slot]))
+            for step, (batch_index, slot) in enumerate(rows)
+        ]
 
     def hidden_states(
-        self, features: torch.Tensor, input_ids: torch.Tensor, steps: int, window_start: int = 0
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        steps: int,
+        query_positions: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """[h^0 [B, T, H], h^1 .. h^{steps-1} [B, T - window_start, H]]."""
+        """[h^0 [B, T, H], h^1 .. h^{steps-1} [B, W, H]] (W = query positions, all T by default)."""
         head = self.head
         batch, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
+        if query_positions is None:
+            query_positions = positions
         hidden = head.fuse(features)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         outputs = []
         for step in range(steps):
             tokens = shifted_tokens(input_ids, step)
-            if step == 1:  # from here on only the window matters
-                hidden = hidden[:, window_start:]
-            if step >= 1:
-                tokens, step_positions = tokens[:, window_start:], positions[:, window_start:] + step
-            else:
-                step_positions = positions
+            step_positions = positions
+            if step >= 1:  # from here on only the query positions matter
+                if step == 1:
+                    hidden = _gather(hidden, query_positions)
+                tokens, step_positions = tokens.gather(1, query_positions), query_positions + step
             with torch.no_grad():  # the target embedding is frozen
                 embeds = head.embed(tokens, like=hidden)
-            hidden = self._layer(embeds, hidden, step_positions, keys, values, window_start)
+            hidden = self._layer(embeds, hidden, step_positions, keys, values, query_positions)
             outputs.append(hidden)
         return outputs
 
-    # ---- one unroll step of the single decoder layer ----------------------------------------------------
-
-    def _layer(self, embeds, hidden, positions, keys: list, values: list, window_start: int) -> torch.Tensor:
+    def _layer(self, embeds, hidden, positions, keys: list, values: list, query_positions) -> torch.Tensor:
         layer = self.head.midlayer
         residual = hidden
         attn_in = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)
         rope = self.head.rotary_emb(hidden, positions)
-        hidden = residual + self._attention(attn_in, rope, keys, values, window_start)
+        hidden = residual + self._attention(attn_in, rope, keys, values, query_positions)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _attention(self, x, rope, keys: list, values: list, window_start: int) -> torch.Tensor:
+    def _attention(self, x, rope, keys: list, values: list, query_positions) -> torch.Tensor:
         attn = self.head.midlayer.self_attn
         batch, length, _ = x.shape
         q = attn.q_proj(x).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -123,20 +127,20 @@ class UnrolledHead(nn.Module):
         if len(keys) == 1:  # step 0: plain causal attention over the sequence
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = self._tree_attention(q, keys, values, window_start)
+            out = self._tree_attention(q, keys, values, query_positions)
         return attn.o_proj(out.transpose(1, 2).reshape(batch, length, attn.num_heads * attn.head_dim))
 
     @staticmethod
-    def _tree_attention(q, keys: list, values: list, window_start: int) -> torch.Tensor:
+    def _tree_attention(q, keys: list, values: list, query_positions: torch.Tensor) -> torch.Tensor:
         """Causal scores over step 0 plus one diagonal score per later step, one softmax over all of them.
 
-        q: [B, h, W, hd] for positions window_start.., keys[0] / values[0]: [B, h, T, hd] (step 0, all
-        positions), keys[i] / values[i] for i >= 1: [B, h, W, hd] (the window).
+        q: [B, h, W, hd] at `query_positions` [B, W]; keys[0] / values[0]: [B, h, T, hd] (step 0, every
+        position); keys[i] / values[i] for i >= 1: [B, h, W, hd] (the query positions).
         """
         scale = 1.0 / math.sqrt(q.shape[-1])
         length = keys[0].shape[-2]
-        rows = torch.arange(window_start, length, device=q.device)[:, None]
-        future = torch.arange(length, device=q.device)[None, :] > rows  # [W, T]
+        columns = torch.arange(length, device=q.device)
+        future = (columns[None, None, :] > query_positions[:, :, None])[:, None]  # [B, 1, W, T]
         prefix = torch.matmul(q, keys[0].transpose(-1, -2)) * scale  # [B, h, W, T]
         prefix = prefix.masked_fill(future, torch.finfo(prefix.dtype).min)
         chain = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1) * scale  # [B, h, W, j]
@@ -144,3 +148,8 @@ class UnrolledHead(nn.Module):
         out = torch.matmul(weights[..., :length], values[0])  # [B, h, W, hd]
         chain_values = torch.stack(values[1:], dim=-2)  # [B, h, W, j, hd]
         return out + (weights[..., length:, None] * chain_values).sum(-2)
+
+
+def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H] at positions [B, W] -> [B, W, H]."""
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))

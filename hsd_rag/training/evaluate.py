@@ -1,0 +1,106 @@
+"""Judging a trained head on prompts it never saw: τ of real EAGLE decoding and teacher-forced top-1 per depth.
+
+- `measure_tau`: greedy `generate(method="eagle")` on held-out prompts; τ = generated tokens / target forwards
+  over all prompts together (bonus token included), plus how deep each step's accepted path went.
+- `depth_accuracy`: the training-time-test statistics (top-1 agreement with the target at unroll depth
+  1..K given a correct prefix) on answered conversations; the answers `measure_tau` produced are exactly the
+  target's greedy answers, so they serve directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from hsd_rag.training.batches import collate
+from hsd_rag.training.data import Conversation, encode
+from hsd_rag.training.features import compute_sample, fit_length
+from hsd_rag.training.loss import DepthStats, ttt_loss
+from hsd_rag.training.ttt import UnrolledHead
+
+
+@dataclass
+class TauReport:
+    """Greedy EAGLE decoding over a prompt set."""
+
+    prompts: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    accepted_by_depth: Counter = field(default_factory=Counter)  # steps whose accepted path reached depth d
+    conversations: list[Conversation] = field(default_factory=list)  # prompts with the generated answers
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    def reach(self) -> list[float]:
+        """Fraction of steps whose accepted path reached at least depth d, for d = 1, 2, ..."""
+        deepest = max(self.accepted_by_depth, default=0)
+        return [
+            sum(n for d, n in self.accepted_by_depth.items() if d >= depth) / max(1, self.steps)
+            for depth in range(1, deepest + 1)
+        ]
+
+
+def heldout_rag_conversations(limit: int | None = None, lang: str = "en") -> list[Conversation]:
+    """Benchmark (held-out) RAG prompts: never used by the training recipe."""
+    from hsd_rag.bench.datasets import HELDOUT_FRACTION
+    from hsd_rag.data import format_messages, load_builtin, split
+
+    _, heldout = split(load_builtin(lang), HELDOUT_FRACTION)
+    return [
+        Conversation(
+            id=e.id, messages=format_messages(e), documents=list(e.documents), source=f"heldout-{lang}"
+        )
+        for e in heldout[:limit]
+    ]
+
+
+def measure_tau(
+    decoder, conversations: list[Conversation], budget: int, max_new_tokens: int = 128, method: str = "eagle"
+) -> TauReport:
+    """Greedy decoding of every prompt with `method`; the answers are stored on copies of the conversations."""
+    report = TauReport()
+    for conversation in tqdm(conversations, desc=f"tau({method}, budget {budget})"):
+        result = decoder.generate(
+            conversation.messages,
+            conversation.documents,
+            method=method,
+            budget=budget,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        )
+        report.prompts += 1
+        report.new_tokens += result.stats.new_tokens
+        report.steps += result.stats.steps
+        report.accepted_by_depth.update(result.stats.accepted_by_depth)
+        answered = Conversation(
+            **{**conversation.__dict__, "answer": result.text, "answer_ids": result.token_ids}
+        )
+        report.conversations.append(answered)
+    return report
+
+
+@torch.no_grad()
+def depth_accuracy(decoder, head, conversations: list[Conversation], steps: int = 7) -> DepthStats:
+    """Teacher-forced top-1 agreement with the target per unroll depth on answered conversations."""
+    model = head
+    unrolled = UnrolledHead(model).eval()
+    total = DepthStats()
+    for conversation in tqdm(conversations, desc="per-depth top-1"):
+        prompt_ids, answer_ids = encode(decoder, conversation)
+        ids, start = fit_length(
+            prompt_ids, answer_ids, decoder.context_window or len(prompt_ids) + len(answer_ids)
+        )
+        sample = compute_sample(decoder.model, ids, start, _draft_ids(model), torch.float32)
+        batch = collate([sample], steps).to(model.device, model.fc.weight.dtype)
+        logits = unrolled(batch.features, batch.input_ids, batch.rows, batch.query_positions)
+        total.add(ttt_loss(logits, batch.steps, model.d2t, model.t2d, 1.0)[1])
+    return total
+
+
+def _draft_ids(head) -> torch.Tensor:
+    return head.to_target_ids(torch.arange(head.draft_vocab_size, device=head.d2t.device)).cpu()
