@@ -10,9 +10,11 @@ import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from hsd_rag.config import DecodeConfig
+from pydantic import BaseModel, Field
+
+from hsd_rag.config import DecodeConfig, Method
 from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.loading import DEFAULT_MODEL_NAME
 from hsd_rag.stats import GenerationResult, GenerationStats
@@ -43,6 +45,24 @@ _default_lock = threading.Lock()
 def config_default(name: str) -> Any:
     """DecodeConfig's default for `name`, so adapter fields never drift from the decoder's own defaults."""
     return DecodeConfig.model_fields[name].default
+
+
+class SamplingFields(BaseModel):
+    """Generation settings both adapters expose as fields (defaults read from DecodeConfig, so they never drift)."""
+
+    temperature: float = Field(
+        default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
+    )
+    top_p: float = Field(default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off.")
+    method: Method | None = Field(
+        default=None,
+        description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
+    )
+    budget: int | Literal["auto"] = Field(
+        default=config_default("budget"), description='Draft tokens verified per target forward, or "auto".'
+    )
+    seed: int | None = Field(default=None, description="Seed for sampling; None uses torch's global generator.")
 
 
 def default_decoder() -> HybridSpecDecoder:

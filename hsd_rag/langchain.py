@@ -21,11 +21,10 @@ holds the token counts. When streaming, they arrive on the last chunk.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from hsd_rag.config import Method
 from hsd_rag.data.prompt import PASSAGE_SEPARATOR
 from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.integrations_common import (
@@ -33,6 +32,7 @@ from hsd_rag.integrations_common import (
     GENERATION_KWARGS,
     INSTALL_HINT,
     MAX_TOKENS_ALIAS,
+    SamplingFields,
     config_default,
     default_decoder,
     document_texts,
@@ -114,7 +114,7 @@ def message_documents(messages: Sequence[BaseMessage]) -> list[str]:
     return [text for m in messages for text in document_texts(m.additional_kwargs.get(DOCUMENTS_KEY))]
 
 
-class HybridSpecLLM(BaseChatModel):
+class HybridSpecLLM(SamplingFields, BaseChatModel):
     """A local Hugging Face chat model decoded by HybridSpecDecoder: same output as plain decoding, faster.
 
     Generation settings are fields and can be overridden per call (`llm.invoke(msgs, temperature=0.7)`); the
@@ -136,25 +136,6 @@ class HybridSpecLLM(BaseChatModel):
         gt=0,
         validation_alias=AliasChoices("max_new_tokens", MAX_TOKENS_ALIAS),
         description="Upper bound on generated tokens (`max_tokens` is accepted as an alias).",
-    )
-    temperature: float = Field(
-        default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
-    )
-    top_p: float = Field(
-        default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass."
-    )
-    top_k: int = Field(
-        default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off."
-    )
-    method: Method | None = Field(
-        default=None,
-        description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
-    )
-    budget: int | Literal["auto"] = Field(
-        default=config_default("budget"), description='Draft tokens verified per target forward, or "auto".'
-    )
-    seed: int | None = Field(
-        default=None, description="Seed for sampling; None uses torch's global generator."
     )
     stop: list[str] | None = Field(
         default=None, description="Default stop strings (a call's `stop` replaces them)."

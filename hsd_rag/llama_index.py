@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from hsd_rag.config import Method
 from hsd_rag.decoder import GenerationStream, HybridSpecDecoder
 from hsd_rag.integrations_common import (
     DOCUMENTS_KEY,
     GENERATION_KWARGS,
     INSTALL_HINT,
+    SamplingFields,
     config_default,
     default_decoder,
     document_texts,
@@ -96,7 +96,7 @@ def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-class HybridSpecLLM(CustomLLM):
+class HybridSpecLLM(SamplingFields, CustomLLM):
     """A local Hugging Face chat model decoded by HybridSpecDecoder: same output as plain decoding, faster.
 
     Chat messages go through the tokenizer's chat template; a completion prompt is sent as one user message
@@ -106,25 +106,6 @@ class HybridSpecLLM(CustomLLM):
 
     max_new_tokens: int = Field(
         default=config_default("max_new_tokens"), gt=0, description="Upper bound on generated tokens."
-    )
-    temperature: float = Field(
-        default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
-    )
-    top_p: float = Field(
-        default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass."
-    )
-    top_k: int = Field(
-        default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off."
-    )
-    method: Method | None = Field(
-        default=None,
-        description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
-    )
-    budget: int | Literal["auto"] = Field(
-        default=config_default("budget"), description='Draft tokens verified per target forward, or "auto".'
-    )
-    seed: int | None = Field(
-        default=None, description="Seed for sampling; None uses torch's global generator."
     )
     stop: list[str] | None = Field(
         default=None, description="Stop strings: the answer ends before the first one."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 from hsd_rag.drafters.base import DraftContext, StepOutcome
 from hsd_rag.tree import SOURCE_EAGLE, SOURCE_NGRAM, TokenTree
@@ -41,3 +42,28 @@ class RandomTreeDrafter:
 
     def close(self) -> None:
         pass
+
+
+def record_drafts(decoder) -> list[dict]:
+    """Make `decoder` log the prompt and documents every drafter starts with (its own copy of the factories)."""
+    seen: list[dict] = []
+    lock = threading.Lock()
+
+    def wrap(factory):
+        def make(dec, cfg):
+            drafter = factory(dec, cfg)
+            start = drafter.start
+
+            def recording_start(prompt_ids, documents):
+                decode = dec.tokenizer.decode
+                with lock:
+                    seen.append({"prompt": decode(prompt_ids), "documents": [decode(d) for d in documents]})
+                return start(prompt_ids, documents)
+
+            drafter.start = recording_start
+            return drafter
+
+        return make
+
+    decoder.drafter_factories = {name: wrap(f) for name, f in type(decoder).drafter_factories.items()}
+    return seen

@@ -18,6 +18,7 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.langchain import HybridSpecLLM, attach_documents
+from tests.fake_drafters import record_drafts
 from tests.tiny_models import smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
@@ -36,27 +37,6 @@ def llm(chat_decoder):
     return HybridSpecLLM(decoder=chat_decoder, max_new_tokens=SHORT)
 
 
-def record_drafts(decoder: HybridSpecDecoder) -> list[dict]:
-    """Make `decoder` log the prompt and documents every drafter starts with (its own copy of the factories)."""
-    seen: list[dict] = []
-
-    def wrap(factory):
-        def make(dec, cfg):
-            drafter = factory(dec, cfg)
-            start = drafter.start
-
-            def recording_start(prompt_ids, documents):
-                decode = dec.tokenizer.decode
-                seen.append({"prompt": decode(prompt_ids), "documents": [decode(d) for d in documents]})
-                return start(prompt_ids, documents)
-
-            drafter.start = recording_start
-            return drafter
-
-        return make
-
-    decoder.drafter_factories = {name: wrap(f) for name, f in type(decoder).drafter_factories.items()}
-    return seen
 
 
 def expected(decoder, messages, **kwargs):

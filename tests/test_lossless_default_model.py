@@ -1,15 +1,22 @@
-"""Greedy equality on the real default model (SmolLM2-135M-Instruct) with real RAG prompts."""
+"""Greedy equality on the real default model (SmolLM2-135M-Instruct) with real RAG prompts.
+
+Every method, with the head shipped for this model and with a random EAGLE-3 head, with related documents
+(the passages of the prompt) and unrelated ones, against `model.generate(do_sample=False)`.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from hsd_rag import HybridSpecDecoder
 from hsd_rag.data import format_messages
+from hsd_rag.heads import Eagle3Head
+from hsd_rag.loading import shipped_head_dir
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 40
-PROMPTS = 3
+PROMPTS = 2
 
 
 def hf_greedy(decoder, messages) -> list[int]:
@@ -27,24 +34,44 @@ def references(default_decoder, rag_examples):
     return cases
 
 
-METHODS = ["ngram"]
+@pytest.fixture(scope="module")
+def random_head_decoder(default_decoder):
+    torch.manual_seed(0)
+    head = Eagle3Head.from_target(default_decoder.model)
+    return HybridSpecDecoder(default_decoder.model, default_decoder.tokenizer, head=head)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("budget", [1, 4, 16, 60])
-def test_related_documents(default_decoder, references, method, budget):
+def check(decoder, references, method, budget, documents=None):
     for ex, messages, expected in references:
-        res = default_decoder.generate(messages, documents=ex.documents, method=method, budget=budget,
-                                       max_new_tokens=MAX_NEW)
-        assert res.token_ids == expected, ex.id
+        docs = ex.documents if documents is None else documents
+        res = decoder.generate(messages, documents=docs, method=method, budget=budget, max_new_tokens=MAX_NEW)
+        assert res.token_ids == expected, (ex.id, method, budget)
 
 
-@pytest.mark.parametrize("method", METHODS)
+def test_default_model_ships_a_head(default_decoder):
+    assert shipped_head_dir() is not None
+    assert default_decoder.head is not None and default_decoder.default_method == "hybrid"
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16, 60, "auto"])
+def test_ngram(default_decoder, references, budget):
+    check(default_decoder, references, "ngram", budget)
+
+
+@pytest.mark.parametrize("method", ["eagle", "hybrid", "hybrid-fixed"])
+@pytest.mark.parametrize("budget", [1, 16, 60])
+def test_shipped_head(default_decoder, references, method, budget):
+    check(default_decoder, references, method, budget)
+
+
+@pytest.mark.parametrize("method", ["eagle", "hybrid", "hybrid-fixed"])
+def test_random_head(random_head_decoder, references, method):
+    check(random_head_decoder, references, method, 16)
+
+
+@pytest.mark.parametrize("method", ["ngram", "hybrid"])
 def test_unrelated_documents(default_decoder, references, rag_examples, method):
-    unrelated = rag_examples[-1].documents
-    for ex, messages, expected in references[:2]:
-        res = default_decoder.generate(messages, documents=unrelated, method=method, budget=16, max_new_tokens=MAX_NEW)
-        assert res.token_ids == expected, ex.id
+    check(default_decoder, references, method, 16, documents=rag_examples[-1].documents)
 
 
 def test_chat_template_matches_tokenizer(default_decoder):

@@ -7,7 +7,6 @@ the real default model, marked slow), and concurrent requests never draft from e
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,6 +16,7 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.langchain import HybridSpecLLM, attach_documents
+from tests.fake_drafters import record_drafts
 from tests.tiny_models import smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
@@ -71,29 +71,6 @@ def chat_decoder():
     return smollm2_chat_decoder()
 
 
-def record_drafts(decoder: HybridSpecDecoder) -> list[dict]:
-    """Make `decoder` log the prompt and documents every drafter starts with (its own copy of the factories)."""
-    seen: list[dict] = []
-    lock = threading.Lock()
-
-    def wrap(factory):
-        def make(dec, cfg):
-            drafter = factory(dec, cfg)
-            start = drafter.start
-
-            def recording_start(prompt_ids, documents):
-                decode = dec.tokenizer.decode
-                with lock:
-                    seen.append({"prompt": decode(prompt_ids), "documents": [decode(d) for d in documents]})
-                return start(prompt_ids, documents)
-
-            drafter.start = recording_start
-            return drafter
-
-        return make
-
-    decoder.drafter_factories = {name: wrap(f) for name, f in type(decoder).drafter_factories.items()}
-    return seen
 
 
 def fresh(decoder: HybridSpecDecoder) -> HybridSpecDecoder:

@@ -13,7 +13,7 @@ from hsd_rag.training import TrainConfig, train_head
 from hsd_rag.training.api import export_head
 from hsd_rag.training.batches import FIRST_PREDICTION_OFFSET, collate
 from hsd_rag.training.data import conversation_from_record, encode
-from hsd_rag.training.features import FeatureStore, compute_sample, fit_length
+from hsd_rag.training.features import FeatureStore, compute_sample, fit_length, teacher_positions
 from hsd_rag.training.trainer import Item, Trainer, init_head
 from hsd_rag.training.ttt import UnrolledHead, shifted_tokens
 from hsd_rag.training.vocab import coverage, select_draft_vocab, vocab_maps
@@ -59,7 +59,9 @@ def items(target):
     with torch.no_grad():
         for i in range(SEQUENCES):
             prompt = torch.randint(2, VOCAB, (1, PROMPT_LEN), generator=generator)
-            full = target.generate(prompt, max_new_tokens=ANSWER_LEN, do_sample=False, min_new_tokens=ANSWER_LEN)
+            full = target.generate(
+                prompt, max_new_tokens=ANSWER_LEN, do_sample=False, min_new_tokens=ANSWER_LEN
+            )
             out.append(Item(f"seq{i}", full[0].tolist(), PROMPT_LEN))
     return out
 
@@ -90,7 +92,9 @@ def config(tmp_path, **overrides) -> TrainConfig:
 
 def make_trainer(target, items, cfg, vocab=None) -> Trainer:
     vocab = draft_ids(items) if vocab is None else vocab
-    store = FeatureStore(target, vocab, cfg.output_dir / "features", torch.float16)
+    store = FeatureStore(
+        target, vocab, cfg.output_dir / "features", torch.float16, cfg.prompt_chains, cfg.ttt_steps
+    )
     head = init_head(target, vocab, cfg)
     return Trainer(head, store, items[2:], items[:2], cfg, progress=False)
 
@@ -106,13 +110,16 @@ def test_unrolled_steps_equal_the_head_drafting_with_a_cache_and_tree_mask(targe
     with torch.no_grad():
         for param in head.parameters():
             param.normal_(0, 0.2)
-    length, window = 13, 5
+    length = 13
     features = torch.randn(2, length, 3 * HIDDEN)
     ids = torch.randint(0, VOCAB, (2, length))
-    unrolled = UnrolledHead(head).hidden_states(features, ids, STEPS, window_start=window)
+    queries = torch.tensor([[1, 4, 5, 9, 12], [0, 2, 3, 7, 8]])  # steps >= 1 run on these positions only
+    unrolled = UnrolledHead(head).hidden_states(features, ids, STEPS, queries)
 
     neg = torch.finfo(torch.float32).min
-    causal = torch.zeros(length, length).masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), neg)
+    causal = torch.zeros(length, length).masked_fill(
+        torch.ones(length, length, dtype=torch.bool).triu(1), neg
+    )
     diagonal = torch.full((length, length), neg).fill_diagonal_(0)
     cache, hidden = head.new_cache(), features
     for step in range(STEPS):
@@ -120,26 +127,53 @@ def test_unrolled_steps_equal_the_head_drafting_with_a_cache_and_tree_mask(targe
         positions = (torch.arange(length) + step)[None]
         out = head(hidden, shifted_tokens(ids, step), positions, mask if step else None, cache)
         hidden = out.hidden
-        expected = hidden if step == 0 else hidden[:, window:]
+        expected = hidden if step == 0 else hidden.gather(1, queries[..., None].expand(-1, -1, HIDDEN))
         torch.testing.assert_close(unrolled[step], expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_folding_the_feature_scale_into_fc_keeps_the_trained_function(target):
+    torch.manual_seed(2)
+    head = Eagle3Head.from_target(target, draft_vocab_size=DRAFT_VOCAB)
+    unrolled = UnrolledHead(head)
+    unrolled.feature_scale.copy_(torch.rand(3 * HIDDEN) * 100 + 0.1)
+    features = torch.randn(1, 9, 3 * HIDDEN) * 50
+    ids = torch.randint(0, VOCAB, (1, 9))
+    before = unrolled.hidden_states(features, ids, 3)
+    unrolled.fold_feature_scale()
+    after = UnrolledHead(head).hidden_states(features, ids, 3)  # a fresh wrapper: scale 1
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_collated_rows_pair_each_step_with_the_token_it_predicts(target, items):
     vocab = draft_ids(items)
-    samples = [compute_sample(target, i.input_ids, i.answer_start, vocab, torch.float32) for i in items[:3]]
+    samples = []
+    for item in items[:3]:
+        positions = teacher_positions(len(item.input_ids), item.answer_start, 2, STEPS, item.id)
+        samples.append(
+            compute_sample(target, item.input_ids, item.answer_start, vocab, torch.float32, positions)
+        )
     batch = collate(samples, STEPS)
-    assert len(batch.rows) == STEPS
-    for step, (batch_index, position_index) in enumerate(batch.rows):
-        for n, (b, t) in enumerate(zip(batch_index.tolist(), position_index.tolist(), strict=True)):
+    assert len(batch.steps) == STEPS
+    prompt_rows = 0
+    for step, rows in enumerate(batch.steps):
+        for n, (b, slot) in enumerate(zip(rows.batch_index.tolist(), rows.slot.tolist(), strict=True)):
+            t = slot if step == 0 else batch.query_positions[b, slot].item()
             predicted = t + FIRST_PREDICTION_OFFSET + step  # the token this row's logits predict
             sample = samples[b]
-            assert sample.answer_start <= predicted < sample.length
-            assert t >= batch.window_start or step == 0
-            # greedy self-generated answers: the target's argmax is the next token
-            assert batch.target_top1[step][n].item() == sample.input_ids[predicted].item()
+            assert predicted < sample.length
+            assert bool(rows.in_answer[n]) == (predicted >= sample.answer_start)
+            prompt_rows += not bool(rows.in_answer[n])
+            expected_top1 = target(sample.input_ids[None, :predicted]).logits[0, -1].argmax().item()
+            assert rows.target_top1[n].item() == expected_top1
+            if rows.in_answer[n]:  # greedy self-generated answers: the target's argmax is the next token
+                assert expected_top1 == sample.input_ids[predicted].item()
+    assert prompt_rows > 0
     full = target(torch.tensor([items[0].input_ids])).logits[0].float()
-    start = items[0].answer_start
-    torch.testing.assert_close(samples[0].teacher, full[start - 1 : -1][:, vocab], atol=1e-4, rtol=1e-4)
+    rows0 = samples[0].teacher_positions
+    torch.testing.assert_close(samples[0].teacher, full[rows0][:, vocab], atol=1e-4, rtol=1e-4)
 
 
 def test_draft_vocab_maps_are_consistent(target, items):
@@ -177,6 +211,7 @@ def test_training_lowers_the_loss_and_the_saved_head_loads(tmp_path, target, ite
     torch.manual_seed(0)
     trainer = make_trainer(target, items, cfg)
     trainer.eval_items = trainer.train_items  # 6 random sequences: the check is that it fits them
+    trainer.unrolled.feature_scale.copy_(trainer.estimate_feature_scale())
     before = trainer.evaluate()
     losses = [trainer.train_step()[0] for _ in range(cfg.steps)]
     after = trainer.evaluate()

@@ -27,6 +27,8 @@ from hsd_rag.training.ttt import UnrolledHead
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_GLOB = "step-*.pt"
+SCALE_SAMPLES = 64  # training samples whose features set the per-dimension feature scale
+MIN_FEATURE_SCALE = 1e-3  # floor of a dimension's scale (a dead dimension must not divide by ~0)
 
 
 @dataclass
@@ -130,6 +132,17 @@ class Trainer:
             self.store.get(item.input_ids, item.answer_start)
         self.runtime.wait()
 
+    @torch.no_grad()
+    def estimate_feature_scale(self) -> torch.Tensor:
+        """Per-dimension RMS of the target features over (up to) SCALE_SAMPLES training conversations."""
+        total, count = None, 0
+        for item in self.train_items[:SCALE_SAMPLES]:
+            features = self.store.get(item.input_ids, item.answer_start).features.double()
+            squares = features.pow(2).sum(0)
+            total = squares if total is None else total + squares
+            count += features.shape[0]
+        return (total / count).sqrt().clamp(min=MIN_FEATURE_SCALE).float()
+
     def _batch(self, items: list[Item]):
         samples = [self.store.get(item.input_ids, item.answer_start) for item in items]
         feature_dtype = self.head.fc.weight.dtype
@@ -189,9 +202,10 @@ class Trainer:
 
     def fit(self) -> Eagle3Head:
         config = self.config
-        if config.resume:
-            self.load_latest()
+        resumed = config.resume and self.load_latest()
         self.precompute()
+        if not resumed:
+            self.unrolled.feature_scale.copy_(self.estimate_feature_scale())
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training head", disable=not self.progress)
         window, losses, started = DepthStats(), [], time.perf_counter()
         while self.step < self.total_steps:
@@ -212,6 +226,7 @@ class Trainer:
             if self.step % config.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
         bar.close()
+        self.unrolled.fold_feature_scale()  # the returned head reads raw target features
         return self.head
 
     def _record_eval(self, elapsed: float) -> None:
@@ -243,6 +258,7 @@ class Trainer:
         state = {
             "step": self.step,
             "head": self.head.state_dict(),
+            "feature_scale": self.unrolled.feature_scale.cpu(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
@@ -273,6 +289,7 @@ class Trainer:
                 "draft_vocab_size): use a new output_dir or pass resume=False."
             )
         self.head.load_state_dict(state["head"])
+        self.unrolled.feature_scale.copy_(state["feature_scale"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]

@@ -52,11 +52,25 @@ class UnrolledHead(nn.Module):
 
     A module of its own so that `accelerate` / DDP can wrap the whole unroll (the gradient sync hooks see one
     forward). The head's target embedding stays a plain reference, frozen and outside the gradient.
+
+    `feature_scale` [3H] preconditions the target features: the head trains on f / scale. Target residual
+    streams carry a few "massive activation" dimensions (~25,000 in SmolLM2's middle layers, vs ~1 elsewhere);
+    an AdamW step of size lr on an `fc` weight multiplying such a value moves the output by lr * 25,000 and
+    drowns everything else. Dividing by the per-dimension RMS of the training features makes every input
+    dimension O(1); `fold_feature_scale` then writes fc <- fc / scale, so the saved head reads raw features
+    and is exactly the trained function.
     """
 
     def __init__(self, head: Eagle3Head):
         super().__init__()
         self.head = head
+        self.register_buffer("feature_scale", torch.ones(head.feature_size, device=head.fc.weight.device))
+
+    @torch.no_grad()
+    def fold_feature_scale(self) -> None:
+        """Fold the preconditioning into `fc` (fc <- fc / scale) and reset the scale to 1."""
+        self.head.fc.weight.div_(self.feature_scale.to(self.head.fc.weight.dtype)[None, :])
+        self.feature_scale.fill_(1.0)
 
     def forward(
         self,
@@ -88,7 +102,7 @@ class UnrolledHead(nn.Module):
         positions = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
         if query_positions is None:
             query_positions = positions
-        hidden = head.fuse(features)
+        hidden = head.fuse(features / self.feature_scale.to(features.dtype))
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         outputs = []
