@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="cache length the trees are verified on")
     p.set_defaults(func=_cmd_tune)
 
+    from hsd_rag.training.cli import add_parser as add_train_head_parser
+
+    add_train_head_parser(sub)  # `hsd-rag train-head`
+
     p = sub.add_parser("qa", help="answer a question over a folder of documents (streams the answer + stats)")
     _add_model_args(p)
     p.add_argument("folder", help="folder of .txt/.md/.html(/.pdf) documents")

@@ -13,6 +13,7 @@ from hsd_rag.training import TrainConfig, train_head
 from hsd_rag.training.api import export_head
 from hsd_rag.training.batches import FIRST_PREDICTION_OFFSET, collate
 from hsd_rag.training.data import conversation_from_record, encode
+from hsd_rag.training.evaluate import depth_accuracy, measure_tau
 from hsd_rag.training.features import FeatureStore, compute_sample, fit_length, teacher_positions
 from hsd_rag.training.trainer import Item, Trainer, init_head
 from hsd_rag.training.ttt import UnrolledHead, shifted_tokens
@@ -265,3 +266,19 @@ def test_train_head_end_to_end_from_prompts_answered_by_the_target(tmp_path, tar
     assert load_head(tmp_path / "out", target).draft_vocab_size == DRAFT_VOCAB
     given = conversation_from_record(records[-1])
     assert encode(decoder, given) == ([5, 6, 7], [8, 9, 1])
+
+    # held-out judging: real EAGLE decoding (lossless: equals greedy) and teacher-forced top-1 per depth
+    with_head = HybridSpecDecoder(target, ChatIdTokenizer(), head=head.eval())
+    prompts = [conversation_from_record(r) for r in records[:2]]
+    report = measure_tau(with_head, prompts, budget=4, max_new_tokens=6)
+    assert (
+        report.steps > 0
+        and report.tau >= 1.0
+        and report.new_tokens == sum(len(c.answer_ids) for c in report.conversations)
+    )
+    for conversation in report.conversations:
+        ids = torch.tensor([with_head.encode_prompt(conversation.messages)])
+        greedy = target.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
+        assert conversation.answer_ids == greedy[: len(conversation.answer_ids)]
+    stats = depth_accuracy(with_head, head, report.conversations, steps=3)
+    assert len(stats.accuracy()) >= 1 and all(0.0 <= a <= 1.0 for a in stats.accuracy())

@@ -25,7 +25,7 @@ class TrainConfig(BaseModel):
     """Conversations per optimizer step (right-padded into one batch)."""
     max_seq_len: int = Field(2048, gt=1)
     """Longest prompt + answer (in target tokens) kept; longer conversations keep the end of their prompt."""
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     """Peak learning rate. The reference's 5e-5 is for 8B-scale heads trained on ~100k conversations; a small
     head trained for a few thousand steps on a few hundred conversations needs a larger one."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -42,7 +42,7 @@ class TrainConfig(BaseModel):
     """Training-time test unroll depth K: the head predicts K tokens ahead, feeding back its own outputs."""
     ttt_decay: float = Field(0.8, gt=0, le=1)
     """Loss weight of unroll step j is `ttt_decay ** j` (the reference's 0.8)."""
-    prompt_chains: int = Field(8, ge=0)
+    prompt_chains: int = Field(0, ge=0)
     """Unrolls started inside the prompt per conversation (random starts, fixed per conversation): the target's
     own next-token distribution is known at every prompt position too, and RAG prompts are ~10x longer than
     their answers, so these extra self-distillation rows multiply the supervision of a small data set. 0 trains
