@@ -62,7 +62,8 @@ def answer_question(args) -> int:
     if report:
         for skipped in report.skipped:
             print(f"[index] skipped {skipped}", file=sys.stderr)
-    decoder = HybridSpecDecoder.from_pretrained(args.target, head=args.head, device=args.device, dtype=args.dtype)
+    head = None if args.head in (None, "none") else args.head
+    decoder = HybridSpecDecoder.from_pretrained(args.target, head=head, device=args.device, dtype=args.dtype)
     generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       budget=args.budget if args.budget == "auto" else int(args.budget))
     if args.method:

@@ -12,13 +12,14 @@ from hsd_rag.bench.datasets import DATASET_NAMES_HELP
 def _decoder(args):
     from hsd_rag import HybridSpecDecoder
 
-    return HybridSpecDecoder.from_pretrained(args.target, head=getattr(args, "head", None), device=args.device,
-                                             dtype=args.dtype)
+    head = getattr(args, "head", "auto")
+    head = None if head in (None, "none") else head
+    return HybridSpecDecoder.from_pretrained(args.target, head=head, device=args.device, dtype=args.dtype)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="hub id, local dir or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--head", default=None, help="EAGLE head dir or hub id (default: the shipped head, if any)")
+    p.add_argument("--head", default="auto", help="EAGLE head dir or hub id; 'auto' = the head shipped for the default target, 'none' = no head")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: per device)")
 
