@@ -56,6 +56,18 @@ class CostProfile:
                 best_k, best_rate = k, rate
         return best_k
 
+    def min_useful_score(self, budget: int) -> float:
+        """A lower bound on the score a draft needs to be kept by `best_num_drafts` for any k <= budget.
+
+        Adding draft k + 1 to k drafts of expected gain G >= 1 pays iff (G + s) / c(k + 2) > G / c(k + 1), i.e.
+        s > G (c(k + 2) - c(k + 1)) / c(k + 1) >= (c(k + 2) - c(k + 1)) / c(k + 1). Drafters may stop expanding
+        below it: on a GPU the costs are flat and the bound is ~0; on a CPU it prunes deep, unlikely levels.
+        """
+        steps = [
+            (self.cost(k + 2) - self.cost(k + 1)) / self.cost(k + 1) for k in range(max(1, budget))
+        ]
+        return max(0.0, min(steps))
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=1))

@@ -12,6 +12,10 @@ from hsd_rag.bench.datasets import DATASET_NAMES_HELP
 def _decoder(args):
     from hsd_rag import HybridSpecDecoder
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     head = getattr(args, "head", "auto")
     head = None if head in (None, "none") else head
     return HybridSpecDecoder.from_pretrained(args.target, head=head, device=args.device, dtype=args.dtype)
@@ -22,6 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default="auto", help="EAGLE head dir or hub id; 'auto' = the head shipped for the default target, 'none' = no head")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: per device)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _cmd_bench(args) -> int:
@@ -45,7 +50,9 @@ def _cmd_bench(args) -> int:
         f"Hardware: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"device {dec.model.device}, torch {torch.__version__}  \n"
         f"Target: {dec.model.config.name_or_path or type(dec.model).__name__}, temperature {args.temperature}, "
-        f"max_new_tokens {args.max_new_tokens}, {len(cases)} prompts of `{args.dataset}`"
+        f"max_new_tokens {args.max_new_tokens}, {len(cases)} prompts of `{args.dataset}`  \n"
+        f"EAGLE head: {_head_label(args, dec)}  \n"
+        f"budget=auto cost profile: {_profile_label(dec)}"
     )
     print(header.replace("  \n", "\n"))
     print(markdown_table(summaries))
@@ -56,6 +63,26 @@ def _cmd_bench(args) -> int:
         path = write_report(records, Path(args.out), header)
         print(f"report: {path}")
     return 1 if bad else 0
+
+
+def _head_label(args, dec) -> str:
+    if dec.head is None:
+        return "none"
+    if args.head == "auto":
+        from hsd_rag.loading import shipped_head_dir
+
+        return f"shipped ({shipped_head_dir().name})"
+    return str(args.head)
+
+
+def _profile_label(dec) -> str:
+    from hsd_rag.bench.tuning import cost_profile, profile_path
+
+    profile = cost_profile(dec)
+    path = profile_path(dec)
+    origin = "measured by `hsd-rag tune`" if path.exists() else f"built-in {profile.device} default (run `hsd-rag tune`)"
+    costs = ", ".join(f"c({n})={c:.2f}" for n, c in zip(profile.tokens, profile.relative_cost, strict=True))
+    return f"{origin}: {costs}"
 
 
 def _cmd_tune(args) -> int:
@@ -99,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="cache length the trees are verified on")
     p.set_defaults(func=_cmd_tune)
 
+    from hsd_rag.training.cli import add_eval_parser
     from hsd_rag.training.cli import add_parser as add_train_head_parser
 
     add_train_head_parser(sub)  # `hsd-rag train-head`
+    add_eval_parser(sub)  # `hsd-rag eval-head`
 
     p = sub.add_parser("qa", help="answer a question over a folder of documents (streams the answer + stats)")
     _add_model_args(p)

@@ -239,6 +239,7 @@ class HybridSpecDecoder:
     def _steps(self, prompt_ids: list[int], doc_ids: list[list[int]], cfg: DecodeConfig, stats: GenerationStats):
         """Yield (new_tokens, source_masks) per target forward until max_new_tokens or EOS."""
         budget, profile = self._budget(cfg)
+        min_score = 0.0 if profile is None else profile.min_useful_score(budget)
         window = self.context_window or (len(prompt_ids) + cfg.max_new_tokens + budget + 1)
         max_new = min(cfg.max_new_tokens, window - len(prompt_ids))
         generator = None
@@ -259,7 +260,7 @@ class HybridSpecDecoder:
                 t_step = time.perf_counter()
                 # 1. draft a tree rooted at the pending token, 2. keep the best `budget` nodes
                 step_budget = max(0, min(budget, max_new - generated - 1, window - past - 1))
-                context = DraftContext(tokens, len(prompt_ids), step_budget)
+                context = DraftContext(tokens, len(prompt_ids), step_budget, min_score)
                 tree = drafter.propose(context)
                 tree = tree.truncate(step_budget) if profile is None else fit_tree(tree, profile, step_budget)
                 t_draft = time.perf_counter()

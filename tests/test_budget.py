@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from hsd_rag.budget import CostProfile, fit_tree
 from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 
@@ -37,3 +40,20 @@ def test_fit_tree_keeps_an_ancestor_closed_prefix():
 def test_profile_round_trip(tmp_path):
     CPU.save(tmp_path / "p.json")
     assert CostProfile.load(tmp_path / "p.json") == CPU
+
+
+@given(
+    scores=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40),
+    budget=st.integers(1, 64),
+    profile=st.sampled_from([CPU, FREE, CostProfile.default_for("cpu"), CostProfile.default_for("cuda")]),
+)
+def test_no_kept_draft_scores_below_the_min_useful_score(scores, budget, profile):
+    """Drafters may skip whatever scores below `min_useful_score`: `best_num_drafts` never keeps it."""
+    scores = sorted(scores, reverse=True)
+    kept = profile.best_num_drafts(scores, budget)
+    assert all(s >= profile.min_useful_score(budget) for s in scores[:kept])
+
+
+def test_min_useful_score_is_zero_when_verification_is_free():
+    assert FREE.min_useful_score(16) == 0.0
+    assert 0.0 < CPU.min_useful_score(16) < 0.1

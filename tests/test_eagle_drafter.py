@@ -258,3 +258,31 @@ def test_close_removes_hooks_and_protocol_misuse_is_explained(target):
         with pytest.raises(RuntimeError, match="out of sync"):
             unsynced.propose(DraftContext(PROMPT + [3], len(PROMPT), 4))
         unsynced.close()
+
+
+def test_early_exit_keeps_the_same_tree_with_fewer_head_levels(target):
+    """Stopping once no frontier node can enter the kept `budget` changes nothing but the work done; a score
+    floor (`DraftContext.min_score`) prunes further."""
+    head = make_head(target, "eagle3", seed=2)
+    budget, depth, top_k, steps = 4, 6, 4, 6
+
+    def run(early_exit: bool):  # one drafter at a time: both would hook the same target
+        drafter = EagleDrafter(target, head, depth=depth, top_k=top_k, early_exit=early_exit)
+        harness, trees = Harness(target, drafter, PROMPT), []
+        for _ in range(steps):
+            trees.append(harness.propose(budget))
+            harness.step(trees[-1])
+        drafter.close()
+        return trees, drafter.levels_drafted
+
+    with torch.inference_mode():
+        (full_trees, full_levels), (early_trees, early_levels) = run(False), run(True)
+        for full, early in zip(full_trees, early_trees, strict=True):
+            assert full.tokens == early.tokens and full.parents == early.parents
+            assert full.scores == pytest.approx(early.scores, rel=1e-6)
+        assert early_levels < full_levels == steps * min(depth, budget)  # the drafter caps depth at budget
+        floored = EagleDrafter(target, head, depth=depth, top_k=top_k, early_exit=True)
+        harness = Harness(target, floored, PROMPT)
+        floored.propose(DraftContext(list(harness.tokens), len(PROMPT), 64, min_score=0.5))
+        assert floored.levels_drafted < depth
+        floored.close()

@@ -1,9 +1,12 @@
 """Sampling is lossless: the empirical distribution of generated tokens matches the target's own.
 
 A tiny model with an 8-token vocabulary makes the exact joint distribution of the first two generated tokens
-computable by enumeration (64 cells); a chi-square test with a fixed seed compares it to 1,500 speculative
+computable by enumeration (64 cells); a chi-square test with a fixed seed compares it to 800 speculative
 samples, for several temperature / top-p / top-k settings, with drafts that are always right (the target's
-own most likely continuation), always wrong (its least likely tokens) and random trees.
+own most likely continuation), always wrong (its least likely tokens) and random trees. Each kind of draft
+meets two of the three settings (six pairs, every setting twice), which keeps the suite short; both
+mutations of the acceptance rule tried by hand (keeping rejected drafts in the residual distribution,
+dropping the residual renormalisation between sibling drafts) make these tests fail.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tests.tiny_models import IdTokenizer, tiny_model
 
 VOCAB = 8
 PROMPT = [0, 3, 5]
-SAMPLES = 1500
+SAMPLES = 800
 MIN_EXPECTED = 5.0  # chi-square needs expected counts of at least ~5 per cell: smaller cells are pooled
 P_FLOOR = 1e-3  # fixed seeds make this deterministic; a real bias gives p-values far below it
 
@@ -32,7 +35,9 @@ P_FLOOR = 1e-3  # fixed seeds make this deterministic; a real bias gives p-value
 def model():
     m = tiny_model("llama", vocab=VOCAB, seed=3, layers=4, hidden=32)
     with torch.no_grad():
-        m.lm_head.weight.mul_(0.25)  # undo most of the sharpening: sampling needs spread-out distributions
+        # peaked enough that the best draft holds ~40 % of the mass (a wrong sibling acceptance rule then shifts
+        # whole first-token cells), spread enough that every setting samples many cells
+        m.lm_head.weight.mul_(2.5)
     return m
 
 
@@ -58,12 +63,13 @@ class RankDrafter:
     def _draft(self, context: DraftContext) -> TokenTree:
         tree = TokenTree.root(context.token_ids[-1])
         ids, parent = list(context.token_ids), 0
-        for _ in range(self.depth):
+        for level in range(self.depth):
             logits = self.model(torch.tensor([ids])).logits[0, -1]
             token = int(logits.argsort(descending=True)[self.rank])
-            parent = tree.add(parent, token, 0.5, SOURCE_NGRAM)
+            parent = tree.add(parent, token, 0.5 / (level + 1), SOURCE_NGRAM)
             ids.append(token)
-        # a second, different branch at the root so multi-draft rejection is exercised too
+        # a second, different branch at the root, scored above the chain's second node so that it survives a
+        # 2-draft budget: multi-draft rejection among siblings is exercised at every step
         second = int(self.model(torch.tensor([context.token_ids])).logits[0, -1].argsort(descending=True)[1])
         tree.add(0, second, 0.4, SOURCE_EAGLE)
         return tree
@@ -84,6 +90,20 @@ def exact_joint(model, temperature, top_k, top_p) -> dict[tuple[int, int], float
             for b in range(VOCAB):
                 joint[(a, b)] = float(p1[a] * p2[b])
     return joint
+
+
+def fidelity_p(counts: dict, joint: dict) -> float:
+    """The smaller p-value of the joint (2-token) test and of the first-token marginal test.
+
+    The marginal has 8 well-filled cells, so it catches a bias on one first token that the 64-cell joint test
+    dilutes (e.g. a sibling draft accepted with p instead of p / residual)."""
+    first_counts: dict[int, int] = {}
+    first_joint: dict[int, float] = {}
+    for (a, _), n in counts.items():
+        first_counts[a] = first_counts.get(a, 0) + n
+    for (a, _), p in joint.items():
+        first_joint[a] = first_joint.get(a, 0.0) + p
+    return min(chi_square_p(counts, joint), chi_square_p(first_counts, first_joint))
 
 
 def chi_square_p(counts: dict, joint: dict) -> float:
@@ -110,11 +130,21 @@ SETTINGS = [
     dict(temperature=0.7, top_k=0, top_p=0.9),
     dict(temperature=1.3, top_k=4, top_p=1.0),
 ]
-DRAFTERS = ["always-right", "always-wrong", "random-tree"]
+PAIRS = [  # (drafts, setting index): every kind of draft twice, every setting twice
+    ("always-right", 0),
+    ("always-right", 1),
+    ("always-wrong", 1),
+    ("always-wrong", 2),
+    ("random-tree", 2),
+    ("random-tree", 0),
+]
 
 
-@pytest.mark.parametrize("sampling", SETTINGS, ids=lambda s: "T{temperature}-k{top_k}-p{top_p}".format(**s))
-@pytest.mark.parametrize("drafts", DRAFTERS)
+@pytest.mark.parametrize(
+    ("drafts", "sampling"),
+    [(d, SETTINGS[i]) for d, i in PAIRS],
+    ids=[f"{d}-T{SETTINGS[i]['temperature']}-k{SETTINGS[i]['top_k']}-p{SETTINGS[i]['top_p']}" for d, i in PAIRS],
+)
 def test_sampled_distribution_matches_target(model, sampling, drafts):
     drafter = {
         "always-right": lambda: RankDrafter(model, rank=0),
@@ -132,13 +162,13 @@ def test_sampled_distribution_matches_target(model, sampling, drafts):
         res = dec.generate(PROMPT, max_new_tokens=3, method="ngram", budget=8, seed=seed, **sampling)
         key = tuple(res.token_ids[:2])
         counts[key] = counts.get(key, 0) + 1
-        accepted += sum(res.stats.accepted_by_source.values())
-    p_value = chi_square_p(counts, exact_joint(model, **sampling))
+        accepted += res.stats.accepted_by_source.get("ngram", 0)  # the rank-r chain (the sibling is "eagle")
+    p_value = fidelity_p(counts, exact_joint(model, **sampling))
     assert p_value > P_FLOOR, f"sampled distribution differs from the target's (p={p_value:.2e})"
     if drafts == "always-right":
         assert accepted > SAMPLES * 0.1  # the drafts really were used, so the test exercised acceptance
     if drafts == "always-wrong" and sampling["top_k"]:
-        assert accepted == 0  # rank -1 is outside top-k: probability zero, never accepted
+        assert accepted == 0  # rank -1 is outside top-k: probability zero, never accepted (the rank-1 sibling is)
 
 
 def test_exact_joint_is_a_distribution(model):
@@ -183,5 +213,5 @@ def test_real_methods_sample_the_target_distribution(model, method):
         counts[key] = counts.get(key, 0) + 1
         drafted += res.stats.tree_nodes
     assert drafted > SAMPLES  # drafts were verified, so acceptance was exercised
-    p_value = chi_square_p(counts, exact_joint(model, **sampling))
+    p_value = fidelity_p(counts, exact_joint(model, **sampling))
     assert p_value > P_FLOOR, f"{method}: sampled distribution differs from the target's (p={p_value:.2e})"

@@ -282,3 +282,12 @@ def test_train_head_end_to_end_from_prompts_answered_by_the_target(tmp_path, tar
         assert conversation.answer_ids == greedy[: len(conversation.answer_ids)]
     stats = depth_accuracy(with_head, head, report.conversations, steps=3)
     assert len(stats.accuracy()) >= 1 and all(0.0 <= a <= 1.0 for a in stats.accuracy())
+
+
+def test_eval_head_cli_parses_and_refuses_no_head(capsys):
+    from hsd_rag.cli import build_parser, main
+
+    args = build_parser().parse_args(["eval-head", "--head", "my-head", "--limit", "3", "--budget", "8"])
+    assert (args.head, args.limit, args.budget, args.lang) == ("my-head", 3, 8, "en")
+    assert main(["eval-head", "--head", "none"]) == 2
+    assert "pass --head" in capsys.readouterr().err

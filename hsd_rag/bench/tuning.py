@@ -20,7 +20,7 @@ from hsd_rag.verify import forward_tree, prefill
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_CONTEXT = 512  # a typical RAG prompt: a question plus a few retrieved passages
-DEFAULT_REPEATS = 5
+DEFAULT_REPEATS = 9
 
 
 def profile_key(decoder) -> str:
@@ -51,6 +51,20 @@ def _chain(root: int, n: int) -> TokenTree:
     return tree
 
 
+def _time_forward(decoder, cache, root: int, n: int, context: int) -> float:
+    """Seconds of one target forward over an n-token tree on top of `context` cached tokens (then rolled back)."""
+    model = decoder.model
+    tree = _chain(root, n)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    logits = forward_tree(model, cache, tree, context, decoder._cache_arg)
+    logits[-1, 0].item()  # wait for the device
+    elapsed = time.perf_counter() - start
+    cache.crop(-n)
+    return elapsed
+
+
 def measure_profile(
     decoder, sizes=DEFAULT_SIZES, context: int = DEFAULT_CONTEXT, repeats: int = DEFAULT_REPEATS
 ) -> CostProfile:
@@ -61,22 +75,17 @@ def measure_profile(
     context = min(context, window - max(sizes) - 1)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-    times = {}
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
     with torch.inference_mode():
         cache = decoder._new_cache()
         prefill(model, cache, prompt, decoder._cache_arg)
-        for n in (sizes[0], *sizes):  # the first size twice: its first run warms up
-            samples = []
-            for _ in range(repeats):
-                tree = _chain(prompt[-1], n)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                logits = forward_tree(model, cache, tree, context, decoder._cache_arg)
-                logits[-1, 0].item()  # wait for the device
-                samples.append(time.perf_counter() - start)
-                cache.crop(-n)
-            times[n] = statistics.median(samples)
+        _time_forward(decoder, cache, prompt[-1], sizes[0], context)  # warm-up
+        # rounds over all sizes, not one size at a time: a burst of load from another process then shifts
+        # every size a little instead of one size a lot
+        for _ in range(repeats):
+            for n in sizes:
+                samples[n].append(_time_forward(decoder, cache, prompt[-1], n, context))
+    times = {n: statistics.median(samples[n]) for n in sizes}
     base = times[sizes[0]]
     return CostProfile(
         tokens=list(sizes),

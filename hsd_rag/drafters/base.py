@@ -20,6 +20,7 @@ class DraftContext:
     token_ids: list[int]  # [t] prompt + generated tokens; token_ids[-1] is the pending root (not yet in the cache)
     prompt_length: int  # how many of token_ids are the prompt
     budget: int  # at most this many draft nodes will be verified (the tree is truncated to it afterwards)
+    min_score: float = 0.0  # drafts whose acceptance estimate is below this never pay for their verification
 
 
 @dataclass

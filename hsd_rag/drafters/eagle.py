@@ -10,12 +10,17 @@ How it follows the decode loop (docs/ARCHITECTURE.md):
 - Deeper levels feed back the head's own hidden (EAGLE-2 dynamic tree): each level keeps the `top_k` frontier
   nodes with the best cumulative log-prob, all at position (target cache length + depth - 1), under a tree mask;
   their KV entries are cropped off afterwards, so only accepted pairs ever stay in the head cache.
+- Early exit (CPU): a level is drafted only if its best frontier node could still enter the kept tree, i.e.
+  beats both the `budget`-th best candidate so far and `context.min_score` (path scores only fall with depth,
+  so no deeper node can do better). The check reads one number back per level; that is free on a CPU, where
+  each head level costs a real share of a step, but would stall a GPU's queue, so there it is off by default.
 - `observe` takes the verified tree's features from the hooks and queues (feature of accepted node i, next
   accepted token) pairs, the last one pairing with the bonus token.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,13 +41,22 @@ class EagleDrafter:
 
     name = "eagle"
 
-    def __init__(self, model, head: DraftHead, depth: int = DEFAULT_DEPTH, top_k: int = DEFAULT_TOP_K):
+    def __init__(
+        self,
+        model,
+        head: DraftHead,
+        depth: int = DEFAULT_DEPTH,
+        top_k: int = DEFAULT_TOP_K,
+        early_exit: bool | None = None,
+    ):
         if depth < 1 or top_k < 1:
             raise ValueError(f"depth and top_k must be >= 1, got depth={depth}, top_k={top_k}")
         self.model = model
         self.head = head
         self.depth = depth
         self.top_k = top_k
+        self.early_exit = head.device.type == "cpu" if early_exit is None else early_exit
+        self.levels_drafted = 0  # head levels run by `propose` over this drafter's life (for tests and profiling)
         self.capture = FeatureCapture.for_head(model, head)
         self._reset()
 
@@ -80,7 +94,7 @@ class EagleDrafter:
             return tree  # a one-token prompt: no target feature yet
         top_k = min(self.top_k, budget, self.head.draft_vocab_size)
         depth = min(self.depth, budget)
-        tokens, parents, scores = self._expand(top_k, depth)
+        tokens, parents, scores = self._expand(top_k, depth, budget, context.min_score)
         return self._assemble(tree, tokens, parents, scores, budget)
 
     @torch.inference_mode()
@@ -147,7 +161,7 @@ class EagleDrafter:
 
     # ---- drafting ----------------------------------------------------------------------------------------
 
-    def _expand(self, top_k: int, depth: int):
+    def _expand(self, top_k: int, depth: int, budget: int, min_score: float = 0.0):
         """Candidates of all levels (target ids, parent candidate index, cumulative log-prob), on device."""
         head, cache = self.head, self._cache
         hidden, log_probs = self._last
@@ -164,8 +178,13 @@ class EagleDrafter:
         all_parents = [torch.full((top_k,), NO_PARENT, device=device)]
         visible = eye  # [K, drafted entries] which draft cache entries each frontier node may attend to
         offset = top_k
+        floor = math.log(min_score) if min_score > 0 else -math.inf
+        self.levels_drafted += 1
         try:
             for level in range(1, depth):
+                if self.early_exit and self._cannot_improve(frontier_scores, all_scores, budget, floor):
+                    break
+                self.levels_drafted += 1
                 positions = torch.full((1, top_k), stable + level - 1, device=device)
                 mask = torch.zeros(1, 1, top_k, stable + visible.shape[1], dtype=dtype, device=device)
                 mask[0, 0, :, stable:].masked_fill_(~visible, torch.finfo(dtype).min)
@@ -187,6 +206,18 @@ class EagleDrafter:
         finally:
             cache.crop(stable)  # drop every draft-only entry
         return torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores)
+
+    @staticmethod
+    def _cannot_improve(frontier_scores, all_scores, budget: int, floor: float) -> bool:
+        """True when no descendant of the frontier can enter the `budget` best or clear the score floor."""
+        best = float(frontier_scores[0])  # topk sorts: the best frontier node comes first
+        if best < floor:
+            return True
+        scores = torch.cat(all_scores)
+        if scores.numel() < budget:
+            return False
+        # ties go to the earlier (shallower) candidate in `_assemble`'s stable sort, hence <=
+        return best <= float(scores.topk(budget).values[-1])
 
     @staticmethod
     def _assemble(tree: TokenTree, tokens, parents, scores, budget: int) -> TokenTree:

@@ -134,6 +134,7 @@ def train_head(
                 answers, prompts, eval_answers, vocab_size, decoder.eos_token_ids
             ),
             "steps": trainer.total_steps,
+            "train_s": round(trainer.train_s, 1),
             "data_s": round(data_s, 1),
             "total_s": round(time.perf_counter() - started, 1),
             "history": trainer.history,

@@ -2,6 +2,7 @@
 
 Wired into `hsd_rag/cli.py` with `add_parser(subparsers)`; `run(args)` returns the exit status. Every
 `TrainConfig` / `RecipeConfig` field is a flag (`--steps`, `--lr`, `--draft-vocab-size`, ...).
+`hsd-rag eval-head` (`add_eval_parser`) judges a head on the held-out benchmark prompts, the numbers the docs quote.
 """
 
 from __future__ import annotations
@@ -69,6 +70,68 @@ def run(args) -> int:
     return 0
 
 
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval-head",
+        help="held-out τ of EAGLE decoding and teacher-forced top-1 per depth of a head",
+        description=(
+            "Greedy EAGLE decoding of held-out benchmark prompts (never used by the training recipe): τ = "
+            "generated tokens / target forwards, how deep the accepted paths reach, and the head's "
+            "teacher-forced top-1 agreement with the target per draft depth on those answers."
+        ),
+    )
+    p.add_argument("--target", default=None, help="hub id, local dir or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--head", default="auto", help="head dir or hub id ('auto' = the head shipped for the target)")
+    p.add_argument("--lang", default="en", choices=["en", "fr", "es"], help="built-in held-out prompt set")
+    p.add_argument("--limit", type=int, default=12, help="number of held-out prompts")
+    p.add_argument("--budget", type=int, default=16, help="draft budget (tree size) of the EAGLE decoding")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--method", default="eagle", help="decoding method whose τ is measured")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the numbers to this json file")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from hsd_rag import HybridSpecDecoder
+    from hsd_rag.training.evaluate import depth_accuracy, heldout_rag_conversations, measure_tau
+
+    if args.head in (None, "none"):
+        raise ValueError("eval-head judges an EAGLE head: pass --head DIR (or 'auto' for the shipped one).")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    decoder = HybridSpecDecoder.from_pretrained(args.target, head=args.head)
+    if decoder.head is None:
+        raise ValueError(f"No EAGLE head to judge for {args.target or 'the default target'}: pass --head DIR.")
+    prompts = heldout_rag_conversations(args.limit, args.lang)
+    report = measure_tau(decoder, prompts, args.budget, args.max_new_tokens, args.method)
+    top1 = depth_accuracy(decoder, decoder.head, report.conversations).accuracy()
+    numbers = {
+        "head": str(args.head),
+        "lang": args.lang,
+        "prompts": report.prompts,
+        "budget": args.budget,
+        "method": args.method,
+        "new_tokens": report.new_tokens,
+        "forwards": report.steps,
+        "tau": round(report.tau, 3),
+        "reach_by_depth": [round(x, 3) for x in report.reach()],
+        "top1_by_depth": [round(x, 3) for x in top1],
+    }
+    print(
+        f"held-out {args.lang}: {report.prompts} prompts, {report.new_tokens} tokens, {report.steps} forwards, "
+        f"τ({args.method}, budget {args.budget}) = {report.tau:.2f}"
+    )
+    print("steps accepting ≥ d drafts, d = 1..: " + " ".join(f"{x:.3f}" for x in numbers["reach_by_depth"]))
+    print("teacher-forced top-1 by depth 1..: " + " ".join(f"{x:.3f}" for x in numbers["top1_by_depth"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0
+
+
 # ---- pydantic fields as flags --------------------------------------------------------------------------------
 
 
@@ -119,7 +182,9 @@ def _collect(args, model, prefix: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`python -m hsd_rag.training.cli train-head ...` (the same as `hsd-rag train-head ...`)."""
     parser = argparse.ArgumentParser(prog="hsd-rag")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_parser(subparsers)
+    add_eval_parser(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -101,6 +101,7 @@ class Trainer:
         self.model, self.optimizer = self.runtime.prepare(self.unrolled, optimizer)
         self.step = 0
         self.history: list[dict] = []  # one record per evaluation
+        self.train_s = 0.0  # wall time spent in training steps, over all resumed runs
 
     # ---- data ----------------------------------------------------------------------------------------------
 
@@ -207,9 +208,11 @@ class Trainer:
         if not resumed:
             self.unrolled.feature_scale.copy_(self.estimate_feature_scale())
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training head", disable=not self.progress)
-        window, losses, started = DepthStats(), [], time.perf_counter()
+        window, losses = DepthStats(), []
         while self.step < self.total_steps:
+            started = time.perf_counter()
             loss, stats = self.train_step()
+            self.train_s += time.perf_counter() - started
             window.add(stats)
             losses.append(loss)
             bar.update(1)
@@ -222,18 +225,18 @@ class Trainer:
                 )
                 window, losses = DepthStats(), []
             if self.eval_items and (self.step % config.eval_every == 0 or self.step == self.total_steps):
-                self._record_eval(time.perf_counter() - started)
+                self._record_eval()
             if self.step % config.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
         bar.close()
         self.unrolled.fold_feature_scale()  # the returned head reads raw target features
         return self.head
 
-    def _record_eval(self, elapsed: float) -> None:
+    def _record_eval(self) -> None:
         stats = self.evaluate()
         record = {
             "step": self.step,
-            "elapsed_s": round(elapsed, 1),
+            "train_s": round(self.train_s, 1),
             "eval_loss": round(stats.weighted_loss(self.config.ttt_decay), 4),
             "eval_loss_by_depth": [round(x, 4) for x in stats.mean_loss()],
             "eval_top1_by_depth": [round(x, 4) for x in stats.accuracy()],
@@ -262,6 +265,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
+            "train_s": self.train_s,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -294,6 +298,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.history = state.get("history", [])
+        self.train_s = state.get("train_s", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
