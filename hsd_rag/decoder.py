@@ -18,6 +18,7 @@ from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
 from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
 from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
+from hsd_rag.logits_rules import LogitsRuleFactory, build_rules
 from hsd_rag.stats import GenerationResult, GenerationStats
 from hsd_rag.tree import SOURCE_TARGET, source_names
 from hsd_rag.verify import (
@@ -83,6 +84,8 @@ class HybridSpecDecoder:
     """
 
     drafter_factories: dict[str, DrafterFactory] = DRAFTER_FACTORIES
+    # Per-request logits rules (repetition penalty, grammar constraints), applied in this order.
+    logits_rule_factories: tuple[LogitsRuleFactory, ...] = ()
 
     def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None):
         self.model = model
@@ -247,8 +250,11 @@ class HybridSpecDecoder:
             generator = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
         cache = self._new_cache()
         drafter = self._make_drafter(cfg)
+        rules = build_rules(self.logits_rule_factories, self, cfg)
         try:
             drafter.start(prompt_ids, doc_ids)
+            for rule in rules:
+                rule.start(prompt_ids)
             t0 = time.perf_counter()
             # 0. prefill everything but the last prompt token, which becomes the first root
             prefill(self.model, cache, prompt_ids[:-1], self._cache_arg)
@@ -262,10 +268,14 @@ class HybridSpecDecoder:
                 step_budget = max(0, min(budget, max_new - generated - 1, window - past - 1))
                 context = DraftContext(tokens, len(prompt_ids), step_budget, min_score)
                 tree = drafter.propose(context)
+                for rule in rules:
+                    tree = rule.prune(tree)
                 tree = tree.truncate(step_budget) if profile is None else fit_tree(tree, profile, step_budget)
                 t_draft = time.perf_counter()
                 # 3. verify every node in one target forward, 4. accept
                 logits = forward_tree(self.model, cache, tree, past, self._cache_arg)
+                for rule in rules:
+                    logits = rule.apply(tree, logits, tokens)
                 acc = accept(tree, logits, cfg, generator)
                 t_verify = time.perf_counter()
                 # 5. roll the cache back to the accepted path
@@ -275,6 +285,8 @@ class HybridSpecDecoder:
                 sources = [tree.sources[n] for n in acc.nodes[1:]] + [SOURCE_TARGET]
                 # 6. tell the drafter what the target decided
                 drafter.observe(StepOutcome(tree, acc.nodes, new_tokens))
+                for rule in rules:
+                    rule.advance(new_tokens)
                 tokens.extend(new_tokens)
                 self._count(stats, tree, acc.nodes)
                 stats.draft_s += t_draft - t_step
