@@ -269,7 +269,7 @@ class HybridSpecDecoder:
                 context = DraftContext(tokens, len(prompt_ids), step_budget, min_score)
                 tree = drafter.propose(context)
                 for rule in rules:
-                    tree = rule.prune(tree)
+                    tree = rule.refine(tree)
                 tree = tree.truncate(step_budget) if profile is None else fit_tree(tree, profile, step_budget)
                 t_draft = time.perf_counter()
                 # 3. verify every node in one target forward, 4. accept

@@ -6,9 +6,10 @@ own ancestors — so a rule is applied to each node's logits row with *that node
 accepts against exactly the distribution the target would have under the rule when decoding alone, which keeps
 speculative decoding lossless under the rule.
 
-The decode loop calls, per request: `start(prompt_ids)` once; per step `prune(tree)` on the drafted tree (drop
-drafts the rule forbids, so no budget is spent on them), `apply(tree, logits, history)` on the verify forward's
-logits, and `advance(new_tokens)` with the tokens the step emitted. Rules run in list order, before the sampling
+The decode loop calls, per request: `start(prompt_ids)` once; per step `refine(tree)` on the drafted tree before
+it is cut to the budget (drop drafts the rule forbids, so no budget is spent on them; a rule may also graft drafts
+it knows are certain, e.g. grammar-forced tokens), `apply(tree, logits, history)` on the verify forward's logits,
+and `advance(new_tokens)` with the tokens the step emitted. Rules run in list order, before the sampling
 warpers (temperature, top-k, top-p), as HF `generate` runs its processors before its warpers.
 """
 
@@ -34,8 +35,8 @@ class LogitsRule(Protocol):
     def start(self, prompt_ids: Sequence[int]) -> None:
         """Begin a request (the rule's state is per request)."""
 
-    def prune(self, tree: TokenTree) -> TokenTree:
-        """The drafted tree without drafts the rule forbids (an ancestor-closed subtree; may be `tree` itself)."""
+    def refine(self, tree: TokenTree) -> TokenTree:
+        """The drafted tree without the drafts the rule forbids, plus any it knows are certain (may be `tree`)."""
 
     def apply(self, tree: TokenTree, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """[n, V] logits of the tree's nodes -> processed logits; `history` ends with the root token."""
