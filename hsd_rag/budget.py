@@ -8,13 +8,17 @@ expected accepted drafts, by linearity of expectation). Each step keeps the k th
     (1 + Σ_{i≤k} s_i) / c(k + 1),
 
 the expected tokens per unit of verification time. `budget` stays a hard upper bound on k.
+
+Drafting has a cost too: `CostProfile.draft_costs` holds, per draft source that is not free (an EAGLE head), its
+cost in the same unit (a one-token target forward), so a fusion policy can tell whether asking that source for
+drafts pays this step (hsd_rag.drafters.hybrid). `hsd-rag tune` (hsd_rag.tuning) measures both on the device.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hsd_rag.tree import TokenTree
@@ -25,6 +29,26 @@ CPU_DEFAULT_PROFILE = {"tokens": [1, 8, 16, 30, 60], "relative_cost": [1.0, 1.5,
 # On a data-centre GPU an 8B target verifies ~60 tokens for about the price of one (memory-bound decode).
 GPU_DEFAULT_PROFILE = {"tokens": [1, 16, 32, 64, 128], "relative_cost": [1.0, 1.02, 1.05, 1.12, 1.5]}
 AUTO_MAX_BUDGET = 64  # upper bound on drafts per forward when budget="auto"
+# Until `hsd-rag tune` has measured it: one EAGLE head level with a frontier of 8 costs about this share of a
+# one-token target forward on a small CPU model (the head is one layer plus a draft-vocab lm_head), and running
+# the head over a step's accepted pairs about as much again (measured on SmolLM2-135M, 2-core CPU).
+DEFAULT_DRAFT_COSTS = {"eagle": {"fixed": 0.08, "per_level": 0.08}}
+
+
+def _isotonic(values: list[float]) -> list[float]:
+    """Non-decreasing least-squares fit (pool adjacent violators): a bigger forward never costs less.
+
+    Timings are noisy and a tuned profile can dip (c(16) < c(12) was measured here), which would make a bigger
+    tree look free; pooling the dip keeps every marginal cost >= 0 without moving the points that agree.
+    """
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
 
 
 @dataclass
@@ -32,9 +56,22 @@ class CostProfile:
     """Relative forward cost at measured token counts; piecewise-linear in between, linear beyond."""
 
     tokens: list[int]  # [m] tokens in the forward (root included), ascending, starting at 1
-    relative_cost: list[float]  # [m] time relative to a 1-token forward
+    relative_cost: list[float]  # [m] time relative to a 1-token forward (made non-decreasing on load)
     device: str = ""
     model: str = ""
+    threads: int = 0  # torch CPU threads it was measured with (0 = unknown)
+    # source -> {"fixed": cost of asking at all, "per_level": cost of each drafted level}, in 1-token forwards
+    draft_costs: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.relative_cost = _isotonic(list(self.relative_cost))
+
+    def draft_cost(self, source: str, levels: float) -> float:
+        """Cost of asking `source` for a tree of `levels` levels (0 for sources that draft for free)."""
+        costs = self.draft_costs.get(source) or DEFAULT_DRAFT_COSTS.get(source)
+        if not costs:
+            return 0.0
+        return costs.get("fixed", 0.0) + costs.get("per_level", 0.0) * levels
 
     def cost(self, n: int) -> float:
         xs, ys = self.tokens, self.relative_cost
@@ -48,13 +85,22 @@ class CostProfile:
 
     def best_num_drafts(self, sorted_scores: list[float], budget: int) -> int:
         """argmax_k (1 + Σ_{i<k} s_i) / cost(k + 1) for k in 0..min(budget, len(scores))."""
-        best_k, best_rate, gain = 0, 1.0 / self.cost(1), 1.0
+        return self.best_rate(sorted_scores, budget)[0]
+
+    def best_rate(self, sorted_scores: list[float], budget: int, extra_cost: float = 0.0) -> tuple[int, float]:
+        """(k, expected tokens per unit time) of the best k, with `extra_cost` (drafting) added to every k."""
+        best_k, best_rate, gain = 0, 1.0 / (self.cost(1) + extra_cost), 1.0
         for k, score in enumerate(sorted_scores[:budget], start=1):
             gain += score
-            rate = gain / self.cost(k + 1)
+            rate = gain / (self.cost(k + 1) + extra_cost)
             if rate > best_rate:
                 best_k, best_rate = k, rate
-        return best_k
+        return best_k, best_rate
+
+    def fixed_rate(self, sorted_scores: list[float], budget: int, extra_cost: float = 0.0) -> float:
+        """Expected tokens per unit time of a tree truncated to exactly `budget` drafts (a fixed budget)."""
+        kept = sorted_scores[:budget]
+        return (1.0 + sum(kept)) / (self.cost(len(kept) + 1) + extra_cost)
 
     def min_useful_score(self, budget: int) -> float:
         """A lower bound on the score a draft needs to be kept by `best_num_drafts` for any k <= budget.
@@ -74,7 +120,9 @@ class CostProfile:
 
     @classmethod
     def load(cls, path: Path) -> CostProfile:
-        return cls(**json.loads(path.read_text()))
+        fields = json.loads(path.read_text())
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in fields.items() if k in known})
 
     @classmethod
     def default_for(cls, device_type: str) -> CostProfile:

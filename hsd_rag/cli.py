@@ -76,24 +76,30 @@ def _head_label(args, dec) -> str:
 
 
 def _profile_label(dec) -> str:
-    from hsd_rag.bench.tuning import cost_profile, profile_path
+    from hsd_rag.tuning import cost_profile, profile_path
 
     profile = cost_profile(dec)
     path = profile_path(dec)
     origin = "measured by `hsd-rag tune`" if path.exists() else f"built-in {profile.device} default (run `hsd-rag tune`)"
     costs = ", ".join(f"c({n})={c:.2f}" for n, c in zip(profile.tokens, profile.relative_cost, strict=True))
+    eagle = profile.draft_costs.get("eagle")
+    if eagle:
+        costs += f"; EAGLE drafting {eagle['fixed']:.3f} + {eagle['per_level']:.3f}/level"
     return f"{origin}: {costs}"
 
 
 def _cmd_tune(args) -> int:
-    from hsd_rag.bench.tuning import tune
+    from hsd_rag.tuning import tune
 
     dec = _decoder(args)
     profile, path = tune(dec, context=args.context)
-    print(f"verification cost on {profile.device} ({profile.model}), context {args.context} tokens:")
+    print(f"verification cost on {profile.device} ({profile.model}, {profile.threads or 'default'} threads), "
+          f"context {args.context} tokens:")
     print("| tokens in forward | relative time |\n|---|---|")
     for n, c in zip(profile.tokens, profile.relative_cost, strict=True):
         print(f"| {n} | {c:.2f} |")
+    for source, cost in profile.draft_costs.items():
+        print(f"{source} drafting: {cost['fixed']:.3f} fixed + {cost['per_level']:.3f} per level (1-token forwards)")
     print(f"saved to {path}; budget='auto' now sizes trees with it")
     return 0
 

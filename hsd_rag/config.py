@@ -32,6 +32,9 @@ class DecodeConfig(BaseModel):
     """Stop strings: generation ends when one appears; the returned text ends before it."""
     seed: int | None = None
     """Seed for sampling (None draws from torch's global generator state)."""
+    answer_history: bool = True
+    """Draft from this decoder's earlier answers too (never other requests' prompts or documents), and remember
+    this answer for later requests. False keeps the request fully isolated."""
 
     @field_validator("budget")
     @classmethod

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
+from hsd_rag.drafters.answer_history import AnswerHistory
 from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
 from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
 from hsd_rag.logits_rules import LogitsRuleFactory, build_rules
@@ -87,10 +88,13 @@ class HybridSpecDecoder:
     # Per-request logits rules (repetition penalty, grammar constraints), applied in this order.
     logits_rule_factories: tuple[LogitsRuleFactory, ...] = ()
 
-    def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None):
+    def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None,
+                 answer_history: AnswerHistory | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.head = head
+        # earlier answers, an n-gram draft source (bounded; generated tokens only); per-call `answer_history=False`
+        self.answer_history = answer_history if answer_history is not None else AnswerHistory()
         self.default_method = default_method or ("hybrid" if head is not None else "ngram")
         self._cache_arg = cache_kwarg_name(model)
         self._lock = threading.Lock()
@@ -232,17 +236,18 @@ class HybridSpecDecoder:
         return self.drafter_factories[cfg.method](self, cfg)
 
     def _budget(self, cfg: DecodeConfig):
-        """(max drafts per forward, cost profile or None): "auto" sizes each tree by expected tokens per second."""
-        if cfg.budget == "auto":
-            from hsd_rag.bench.tuning import cost_profile
+        """(max drafts per forward, the device's cost profile, whether the profile sizes each tree): "auto" sizes
+        each tree by expected tokens per second; a fixed budget still uses the profile's drafting costs."""
+        from hsd_rag.tuning import cost_profile
 
-            return AUTO_MAX_BUDGET, cost_profile(self)
-        return cfg.budget, None
+        if cfg.budget == "auto":
+            return AUTO_MAX_BUDGET, cost_profile(self), True
+        return cfg.budget, cost_profile(self), False
 
     def _steps(self, prompt_ids: list[int], doc_ids: list[list[int]], cfg: DecodeConfig, stats: GenerationStats):
         """Yield (new_tokens, source_masks) per target forward until max_new_tokens or EOS."""
-        budget, profile = self._budget(cfg)
-        min_score = 0.0 if profile is None else profile.min_useful_score(budget)
+        budget, profile, auto = self._budget(cfg)
+        min_score = profile.min_useful_score(budget) if auto else 0.0
         window = self.context_window or (len(prompt_ids) + cfg.max_new_tokens + budget + 1)
         max_new = min(cfg.max_new_tokens, window - len(prompt_ids))
         generator = None
@@ -260,17 +265,18 @@ class HybridSpecDecoder:
             prefill(self.model, cache, prompt_ids[:-1], self._cache_arg)
             stats.prefill_s = time.perf_counter() - t0
             tokens = list(prompt_ids)
+            answer: list[int] = []  # what the caller gets (cut at EOS / max_new_tokens)
             past = len(prompt_ids) - 1
             generated = 0
             while generated < max_new:
                 t_step = time.perf_counter()
                 # 1. draft a tree rooted at the pending token, 2. keep the best `budget` nodes
                 step_budget = max(0, min(budget, max_new - generated - 1, window - past - 1))
-                context = DraftContext(tokens, len(prompt_ids), step_budget, min_score)
+                context = DraftContext(tokens, len(prompt_ids), step_budget, min_score, profile, auto)
                 tree = drafter.propose(context)
                 for rule in rules:
                     tree = rule.refine(tree)
-                tree = tree.truncate(step_budget) if profile is None else fit_tree(tree, profile, step_budget)
+                tree = fit_tree(tree, profile, step_budget) if auto else tree.truncate(step_budget)
                 t_draft = time.perf_counter()
                 # 3. verify every node in one target forward, 4. accept
                 logits = forward_tree(self.model, cache, tree, past, self._cache_arg)
@@ -293,15 +299,23 @@ class HybridSpecDecoder:
                 stats.verify_s += t_verify - t_draft
                 stats.other_s += time.perf_counter() - t_verify
                 new_tokens, sources, stop = self._clip(new_tokens, sources, max_new - generated)
+                answer.extend(new_tokens)
                 generated += len(new_tokens)
                 stats.new_tokens = generated
                 yield new_tokens, sources
                 if stop:
                     stats.stop_reason = "eos"
+                    self._remember(cfg, answer)
                     return
             stats.stop_reason = "length" if max_new == cfg.max_new_tokens else "context_window"
+            self._remember(cfg, answer)
         finally:
             drafter.close()
+
+    def _remember(self, cfg: DecodeConfig, answer_ids: list[int]) -> None:
+        """A finished answer joins the earlier-answers index (only generated tokens, never prompts/documents)."""
+        if cfg.answer_history:
+            self.answer_history.add(answer_ids)
 
     def _clip(self, new_tokens: list[int], sources: list[int], room: int):
         """Cut a step's tokens at the first EOS (kept, as HF generate keeps it) and at max_new_tokens."""
@@ -321,6 +335,13 @@ class HybridSpecDecoder:
             for name in source_names(tree.sources[node]):
                 stats.accepted_by_source[name] += 1
         stats.accepted_by_depth[len(accepted_nodes) - 1] += 1
+        accepted = set(accepted_nodes)
+        for node in range(1, len(tree)):  # calibration check: drafts that were decided (parent accepted)
+            parent = tree.parents[node]
+            if parent in accepted:
+                parent_score = tree.scores[parent] if parent else 1.0
+                predicted = min(1.0, tree.scores[node] / parent_score) if parent_score > 0 else 0.0
+                stats.add_reliability(_source_label(tree.sources[node]), predicted, node in accepted)
 
     def _new_cache(self):
         from transformers import DynamicCache

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
+RELIABILITY_BINS = 10  # equal-width bins of predicted acceptance in [0, 1]
+
 
 @dataclass
 class GenerationStats:
@@ -17,12 +19,22 @@ class GenerationStats:
     accepted_by_source: dict[str, int] = field(default_factory=Counter)  # accepted draft tokens, per source label
     accepted_by_depth: dict[int, int] = field(default_factory=Counter)  # steps whose accepted path reached depth d
     tree_nodes: int = 0  # draft nodes verified, all steps together
+    # Calibration check per source label: for every decided draft (its parent was accepted), its predicted
+    # acceptance (node score / parent score) binned in RELIABILITY_BINS: [sum of predictions, accepted, count].
+    reliability: dict[str, list[list[float]]] = field(default_factory=dict)
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
     other_s: float = 0.0
     total_s: float = 0.0
     stop_reason: str = ""  # "eos", "length", "stop_string" or "context_window"
+
+    def add_reliability(self, label: str, predicted: float, accepted: bool) -> None:
+        bins = self.reliability.setdefault(label, [[0.0, 0, 0] for _ in range(RELIABILITY_BINS)])
+        cell = bins[min(int(predicted * RELIABILITY_BINS), RELIABILITY_BINS - 1)]
+        cell[0] += predicted
+        cell[1] += int(accepted)
+        cell[2] += 1
 
     @property
     def tau(self) -> float:

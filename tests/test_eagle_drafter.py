@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from hsd_rag.drafters.base import DraftContext, Drafter, StepOutcome
 from hsd_rag.drafters.eagle import EagleDrafter
+from hsd_rag.drafters.eagle_calibration import RawHeadScores
 from hsd_rag.heads import Eagle1Head, Eagle3Head
 from hsd_rag.heads.features import eagle3_feature_layers
 from hsd_rag.tree import SOURCE_EAGLE, TokenTree
@@ -188,7 +189,8 @@ def test_tree_drafting_equals_sequential_head_decoding(target, kind):
     argmax of the head's logits."""
     head = make_head(target, kind, seed=1)
     budget, depth, top_k = 12, 4, 4
-    drafter = EagleDrafter(target, head, depth=depth, top_k=top_k)
+    drafter = EagleDrafter(target, head, depth=depth, top_k=top_k,
+                           calibrator_factory=lambda: RawHeadScores(device=head.device))
     rng = random.Random(0)
     draft_id = draft_id_of(head)
     with torch.inference_mode():
@@ -286,3 +288,61 @@ def test_early_exit_keeps_the_same_tree_with_fewer_head_levels(target):
         floored.propose(DraftContext(list(harness.tokens), len(PROMPT), 64, min_score=0.5))
         assert floored.levels_drafted < depth
         floored.close()
+
+
+# ---- calibrated scores ---------------------------------------------------------------------------------------
+
+
+def test_calibrated_scores_are_products_of_bucket_estimates_and_learn_from_outcomes(target):
+    """A node's score is the product along its path of its (depth, head-probability) bucket's estimate; a step's
+    decided drafts move exactly their buckets' estimates."""
+    from hsd_rag.drafters.eagle_calibration import EagleCalibrator
+    from hsd_rag.heads.acceptance_priors import AcceptancePriors
+
+    head = make_head(target, "eagle3", seed=2)
+    priors = AcceptancePriors.empty("test")
+    for row_acc, row_ver in zip(priors.accepted, priors.verified, strict=True):
+        for bucket in range(len(row_ver)):
+            row_ver[bucket], row_acc[bucket] = 100, 10 + 5 * bucket  # a known, monotone prior
+    calibrators: list[EagleCalibrator] = []
+
+    def factory():
+        calibrators.append(EagleCalibrator(priors, device=head.device))
+        return calibrators[-1]
+
+    drafter = EagleDrafter(target, head, depth=3, top_k=3, calibrator_factory=factory)
+    draft_id = draft_id_of(head)
+    with torch.inference_mode():
+        harness = Harness(target, drafter, PROMPT)
+        calibrator = calibrators[-1]
+        tree = harness.propose(8)
+        for node in range(1, len(tree)):
+            path = [tree.tokens[n] for n in tree.path_to(node)[1:]]
+            log_probs = sequential_log_probs(target, head, harness.tokens, path)
+            expected = 0.0
+            for depth, (lp, token) in enumerate(zip(log_probs, path, strict=True), start=1):
+                estimate, _ = calibrator.score(depth, lp[draft_id[token]].reshape(1))
+                expected += float(estimate)
+            assert tree.scores[node] == pytest.approx(float(torch.tensor(expected).exp()), rel=SCORE_TOLERANCE)
+        drafter.capture.clear()
+        before = list(calibrator.accepted), list(calibrator.rejected)
+        outcome = harness.step(tree)
+        decided = [n for n in range(1, len(tree)) if tree.parents[n] in outcome.accepted_nodes]
+        recorded = sum(calibrator.accepted) + sum(calibrator.rejected) - sum(before[0]) - sum(before[1])
+        assert recorded == len(decided)
+        assert sum(calibrator.accepted) - sum(before[0]) == len(outcome.accepted_nodes) - 1
+    drafter.close()
+
+
+def test_acceptance_priors_round_trip_and_load_with_the_head(target, tmp_path):
+    from hsd_rag.heads import load_head, save_head
+    from hsd_rag.heads.acceptance_priors import AcceptancePriors
+
+    head = make_head(target, "eagle3")
+    save_head(head, tmp_path)
+    assert load_head(tmp_path, target).acceptance_priors is None
+    priors = AcceptancePriors.empty("unit test")
+    priors.accepted[0][3], priors.verified[0][3] = 7, 10
+    priors.save(tmp_path)
+    loaded = load_head(tmp_path, target).acceptance_priors
+    assert loaded == priors and loaded.rate(0, 3) == 0.7 and loaded.rate(1, 1) is None

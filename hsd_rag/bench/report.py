@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hsd_rag.bench.reliability import reliability_table
 from hsd_rag.bench.runner import BenchRecord
 from hsd_rag.bench.summary import (
     Summary,
@@ -50,8 +51,9 @@ def markdown_table(summaries: list[Summary]) -> str:
     """The main table: one row per (dataset, method, budget, temperature)."""
     head = (
         "| dataset | T | method | budget | prompts | tokens | forwards | τ | tokens/s | speedup vs HF"
-        " | time: prefill / draft / verify / other | accepted / drafted by source | greedy mismatches |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        " | decode-only speedup | time: prefill / draft / verify / other | accepted / drafted by source"
+        " | greedy mismatches |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for s in summaries:
@@ -65,9 +67,10 @@ def markdown_table(summaries: list[Summary]) -> str:
         else:
             mism = f"**{s.mismatches}/{s.compared}**" if s.mismatches else (f"0/{s.compared}" if s.compared else "-")
         speed = f"{s.speedup:.2f}×" if s.speedup is not None else "-"
+        decode = f"{s.decode_speedup:.2f}×" if s.decode_speedup is not None else "-"
         rows.append(
             f"| {s.dataset} | {s.temperature:g} | {s.method} | {_budget(s)} | {s.prompts} | {s.new_tokens} | "
-            f"{s.steps} | {s.tau:.2f} | {s.tokens_per_s:.1f} | {speed} | {times} | {sources} | {mism} |"
+            f"{s.steps} | {s.tau:.2f} | {s.tokens_per_s:.1f} | {speed} | {decode} | {times} | {sources} | {mism} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -136,6 +139,7 @@ def read_jsonl(path: Path) -> list[BenchRecord]:
         d = json.loads(line)
         d.pop("tau", None)
         d.pop("tokens_per_s", None)
+        d.pop("decode_tokens_per_s", None)
         d["accepted_by_depth"] = {int(k): v for k, v in d.get("accepted_by_depth", {}).items()}
         out.append(BenchRecord(**d))
     return out
@@ -166,14 +170,16 @@ def write_report(records: list[BenchRecord], out_dir: Path, header: str = "") ->
         text += [SAMPLING_NOTE, ""]
     text += [
         "τ = generated tokens / target forwards (accepted drafts + the bonus token). Speedup = tokens/s over HF "
-        "`generate`'s tokens/s on the same prompts, run interleaved in the same process. Time shares are of wall "
-        "time (prefill + decode).",
+        "`generate`'s tokens/s on the same prompts, run interleaved in the same process, end to end (prefill "
+        "included); decode-only speedup compares the decode loops alone. Time shares are of wall time (prefill + "
+        "decode). `METHOD/nohist` = the method without the earlier-answers index.",
         "",
         markdown_table(summaries),
     ]
     for title, table in (
         ("Who proposed the generated tokens", source_share_table(summaries)),
         ("Acceptance by depth (share of forwards accepting ≥ d drafts)", depth_table(summaries)),
+        ("Calibration: predicted vs observed acceptance of decided drafts", reliability_table(summaries)),
     ):
         if table:
             text += [f"## {title}", "", table]

@@ -1,7 +1,9 @@
 """Benchmark runner: every method on every prompt, interleaved, against HF `generate` in the same run.
 
 The order of methods rotates from one prompt to the next so slow drifts of the machine (thermal, other load)
-spread evenly over methods. Greedy outputs are compared token for token with the baseline; a mismatch is
+spread evenly over methods. Each (method, budget) keeps its own earlier-answers index (the decoder's
+`answer_history`), fed only by that variant's own previous prompts, so no run ever drafts from another method's
+answer to the same prompt; a method written `NAME/nohist` runs with the index off, to measure what it brings. Greedy outputs are compared token for token with the baseline; a mismatch is
 counted and recorded with the position of the first differing token, never hidden. Sampled outputs
 (temperature > 0) are random draws and are not compared: their losslessness is a property of distributions,
 which the sampling-fidelity tests check, not of single outputs.
@@ -17,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from hsd_rag.drafters.answer_history import AnswerHistory
+
 BASELINE = "hf"  # HF transformers `generate`, the reference for speed and for greedy outputs
+NO_HISTORY_SUFFIX = "/nohist"  # method label suffix: the same method without the earlier-answers index
 BASELINE_BUDGET = 0  # the baseline drafts nothing; stored so every record has the same fields
 WARMUP_NEW_TOKENS = 8  # enough to exercise every code path once without slowing the run noticeably
 
@@ -50,6 +55,8 @@ class BenchRecord:
     new_tokens: int
     steps: int  # target forwards after the prefill (HF generate: one per token)
     wall_s: float  # prefill + decode, as a user waits for it
+    decode_s: float = 0.0  # wall time of the decode loop (prefill excluded)
+    decode_tokens: int = 0  # tokens the decode loop produced (HF: all but the one its prefill forward yields)
     draft_s: float = 0.0
     verify_s: float = 0.0
     other_s: float = 0.0
@@ -63,6 +70,7 @@ class BenchRecord:
     first_mismatch: int | None = None  # greedy only: index of the first token that differs from the baseline
     speedup: float | None = None  # tokens/s over HF generate's tokens/s on the same prompt, same run
     token_ids: list[int] = field(default_factory=list)
+    reliability: dict[str, list[list[float]]] = field(default_factory=dict)  # see GenerationStats.reliability
 
     @property
     def tau(self) -> float:
@@ -73,11 +81,33 @@ class BenchRecord:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Throughput of the decode loop alone (prefill excluded)."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["tau"] = self.tau
         out["tokens_per_s"] = self.tokens_per_s
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
         return out
+
+
+class _FirstTokenClock:
+    """A `generate` streamer that notes when the first generated token arrives (the end of the prefill)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # generate first puts the prompt, then each new token
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: float, seed: int) -> BenchRecord:
@@ -88,6 +118,7 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
     sampling = dict(temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else {}
     if temperature > 0:
         torch.manual_seed(seed)
+    clock = _FirstTokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -96,30 +127,38 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             pad_token_id=decoder.tokenizer.pad_token_id,
+            streamer=clock,
             **sampling,
         )
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
     new = out[0, len(prompt) :].tolist()
     stop = "eos" if new and new[-1] in decoder.eos_token_ids else "length"
+    decode = end - clock.first_token_at if clock.first_token_at is not None else 0.0
     return BenchRecord(
-        case.id, case.dataset, BASELINE, BASELINE_BUDGET, temperature, len(prompt), len(new), len(new), wall,
-        tokens_by_label={"target": len(new)}, stop_reason=stop, token_ids=new,
+        case.id, case.dataset, BASELINE, BASELINE_BUDGET, temperature, len(prompt), len(new), len(new),
+        end - start, decode, max(0, len(new) - 1), tokens_by_label={"target": len(new)}, stop_reason=stop, token_ids=new,
+        prefill_s=end - start - decode,
     )
 
 
 def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_tokens: int, temperature: float,
           seed: int) -> BenchRecord:
+    name, history = method, True
+    if method.endswith(NO_HISTORY_SUFFIX):
+        name, history = method[: -len(NO_HISTORY_SUFFIX)], False
     start = time.perf_counter()
-    res = decoder.generate(case.prompt, documents=case.documents, method=method, budget=budget,
-                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    res = decoder.generate(case.prompt, documents=case.documents, method=name, budget=budget,
+                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, answer_history=history)
     wall = time.perf_counter() - start
     s = res.stats
     return BenchRecord(
         case.id, case.dataset, method, budget, temperature, s.prompt_tokens, s.new_tokens, s.steps, wall,
+        max(0.0, wall - s.prefill_s), s.new_tokens,
         draft_s=s.draft_s, verify_s=s.verify_s, other_s=s.other_s, prefill_s=s.prefill_s,
         accepted_by_source=dict(s.accepted_by_source), drafted_by_source=dict(s.drafted_by_source),
         accepted_by_depth={int(d): n for d, n in s.accepted_by_depth.items()},
         tokens_by_label=dict(Counter(res.token_sources)), stop_reason=s.stop_reason, token_ids=list(res.token_ids),
+        reliability={k: [list(cell) for cell in v] for k, v in s.reliability.items()},
     )
 
 
@@ -157,8 +196,18 @@ def run_benchmark(
     """Run HF generate and each (method, budget) on every case; returns one record per run."""
     budgets = list(budgets)
     variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
+    histories = {variant: AnswerHistory() for variant in variants}  # each variant learns only from itself
+    own_history = decoder.answer_history
+    try:
+        return _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress)
+    finally:
+        decoder.answer_history = own_history
+
+
+def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress):
     if warmup and cases:  # first calls pay one-off costs (allocator, kernels): keep them out of the timings
         for method, budget in variants:
+            decoder.answer_history = AnswerHistory()  # a throwaway: the warm-up answer must not be drafted from
             _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed)
     records: list[BenchRecord] = []
     bar = tqdm(total=len(cases) * len(variants), disable=not progress, desc="bench", unit="run")
@@ -166,6 +215,7 @@ def run_benchmark(
         shift = i % len(variants)
         per_case = []
         for method, budget in variants[shift:] + variants[:shift]:
+            decoder.answer_history = histories[(method, budget)]
             rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed)
             per_case.append(rec)
             bar.update(1)

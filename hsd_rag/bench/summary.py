@@ -28,6 +28,8 @@ class Summary:
     new_tokens: int = 0
     steps: int = 0
     wall_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
     other_s: float = 0.0
@@ -39,6 +41,8 @@ class Summary:
     mismatches: int = 0
     compared: int = 0
     speedup: float | None = None  # tokens/s over the baseline's tokens/s on the same prompts
+    decode_speedup: float | None = None  # the same for the decode loop alone (prefill excluded)
+    reliability: dict[str, list[list[float]]] = field(default_factory=dict)  # summed GenerationStats.reliability
 
     @property
     def is_baseline(self) -> bool:
@@ -51,6 +55,10 @@ class Summary:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def time_split(self) -> dict[str, float]:
         """Share of wall time spent in prefill, drafting, verifying and bookkeeping (the rest is untracked)."""
@@ -106,6 +114,13 @@ def summarize(records: Iterable[BenchRecord]) -> list[Summary]:
         s.new_tokens += r.new_tokens
         s.steps += r.steps
         s.wall_s += r.wall_s
+        s.decode_s += r.decode_s
+        s.decode_tokens += r.decode_tokens
+        for label, bins in r.reliability.items():
+            mine = s.reliability.setdefault(label, [[0.0, 0, 0] for _ in bins])
+            for cell, other in zip(mine, bins, strict=True):
+                for i, value in enumerate(other):
+                    cell[i] += value
         s.draft_s += r.draft_s
         s.verify_s += r.verify_s
         s.other_s += r.other_s
@@ -122,6 +137,8 @@ def summarize(records: Iterable[BenchRecord]) -> list[Summary]:
         base = baselines.get((s.dataset, s.temperature))
         if base is not None and base.tokens_per_s > 0:
             s.speedup = s.tokens_per_s / base.tokens_per_s
+        if base is not None and base.decode_tokens_per_s > 0 and s.decode_tokens_per_s > 0:
+            s.decode_speedup = s.decode_tokens_per_s / base.decode_tokens_per_s
     return sorted(
         groups.values(),
         key=lambda s: (s.dataset, s.temperature, not s.is_baseline, s.method, budget_key(s.budget)),

@@ -6,11 +6,14 @@ retrieved chunks can never leak into another request.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from hsd_rag.tree import TokenTree
+
+if TYPE_CHECKING:
+    from hsd_rag.budget import CostProfile
 
 
 @dataclass
@@ -21,6 +24,8 @@ class DraftContext:
     prompt_length: int  # how many of token_ids are the prompt
     budget: int  # at most this many draft nodes will be verified (the tree is truncated to it afterwards)
     min_score: float = 0.0  # drafts whose acceptance estimate is below this never pay for their verification
+    profile: CostProfile | None = None  # verify and drafting costs on this device (None: costs unknown)
+    auto_budget: bool = False  # True: the tree is sized by `profile` (budget="auto"); False: cut to `budget`
 
 
 @dataclass
@@ -67,3 +72,30 @@ class NoDrafter:
 
     def close(self) -> None:
         pass
+
+
+def record_outcomes(
+    outcome: StepOutcome,
+    source: int,
+    proposed: dict[tuple[int, ...], int],
+    record: Callable[[int, bool], None],
+) -> None:
+    """Report every verified draft of `source` that was decided (its parent was accepted): accepted or not.
+
+    `proposed` maps the token path below the root of each draft the source proposed to its calibration bucket.
+    Nodes are matched by token path, not node id, so a tree that was truncated or fused with other sources
+    (renumbered nodes) still calibrates the right buckets.
+    """
+    tree, accepted = outcome.tree, outcome.accepted_nodes
+    if not accepted:
+        return
+    accepted_set = set(accepted)
+    paths: dict[int, tuple[int, ...]] = {accepted[0]: ()}  # accepted node -> token path below the root
+    for node in accepted[1:]:
+        paths[node] = paths[tree.parents[node]] + (tree.tokens[node],)
+    for node in range(1, len(tree)):
+        parent = tree.parents[node]
+        if parent in accepted_set and tree.sources[node] & source:
+            bucket = proposed.get(paths[parent] + (tree.tokens[node],))
+            if bucket is not None:
+                record(bucket, node in accepted_set)

@@ -8,14 +8,18 @@ How it follows the decode loop (docs/ARCHITECTURE.md):
   prefill or a step the new pairs are pending; `propose` runs them in one head forward whose last output predicts
   the depth-1 drafts. Invariant: head cache length + pending pairs == target cache length == len(token_ids) - 1.
 - Deeper levels feed back the head's own hidden (EAGLE-2 dynamic tree): each level keeps the `top_k` frontier
-  nodes with the best cumulative log-prob, all at position (target cache length + depth - 1), under a tree mask;
+  nodes with the best path score, all at position (target cache length + depth - 1), under a tree mask;
   their KV entries are cropped off afterwards, so only accepted pairs ever stay in the head cache.
+- Scores are calibrated (eagle_calibration): a node's score is the product along its path of
+  P(accepted | parent accepted) for its (depth, head probability) bucket, learned during the request from priors
+  shipped with the head, so fusion can rank EAGLE and n-gram nodes on one scale.
 - Early exit (CPU): a level is drafted only if its best frontier node could still enter the kept tree, i.e.
   beats both the `budget`-th best candidate so far and `context.min_score` (path scores only fall with depth,
   so no deeper node can do better). The check reads one number back per level; that is free on a CPU, where
   each head level costs a real share of a step, but would stall a GPU's queue, so there it is off by default.
 - `observe` takes the verified tree's features from the hooks and queues (feature of accepted node i, next
-  accepted token) pairs, the last one pairing with the bonus token.
+  accepted token) pairs, the last one pairing with the bonus token, and records which of its verified drafts
+  were accepted in the calibrator.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from hsd_rag.drafters.base import DraftContext, StepOutcome
+from hsd_rag.drafters.base import DraftContext, StepOutcome, record_outcomes
+from hsd_rag.drafters.eagle_calibration import EagleCalibrator
 from hsd_rag.heads.base import DraftHead
 from hsd_rag.heads.features import FeatureCapture
 from hsd_rag.tree import SOURCE_EAGLE, TokenTree
@@ -48,6 +53,7 @@ class EagleDrafter:
         depth: int = DEFAULT_DEPTH,
         top_k: int = DEFAULT_TOP_K,
         early_exit: bool | None = None,
+        calibrator_factory=None,
     ):
         if depth < 1 or top_k < 1:
             raise ValueError(f"depth and top_k must be >= 1, got depth={depth}, top_k={top_k}")
@@ -57,6 +63,11 @@ class EagleDrafter:
         self.top_k = top_k
         self.early_exit = head.device.type == "cpu" if early_exit is None else early_exit
         self.levels_drafted = 0  # head levels run by `propose` over this drafter's life (for tests and profiling)
+        # a fresh calibrator per request, warm-started from the priors shipped with the head (if any)
+        self.calibrator_factory = calibrator_factory or (
+            lambda: EagleCalibrator(getattr(head, "acceptance_priors", None), device=head.device)
+        )
+        self.calibrator: EagleCalibrator | None = None
         self.capture = FeatureCapture.for_head(model, head)
         self._reset()
 
@@ -66,6 +77,8 @@ class EagleDrafter:
         self._pending_tokens: list[int] = []  # the token paired with each pending feature
         self._awaiting_prefill = False
         self._last = None  # (hidden [H], log-probs [Vd]) of the newest accepted pair, until the next step
+        self._proposed: dict[tuple[int, ...], int] = {}  # draft token path below the root -> calibrator bucket
+        self._proposed_root = -1
 
     # ---- protocol ----------------------------------------------------------------------------------------
 
@@ -73,6 +86,7 @@ class EagleDrafter:
         self.capture.detach()
         self._reset()
         self._cache = self.head.new_cache()
+        self.calibrator = self.calibrator_factory()
         self._pending_tokens = [int(t) for t in prompt_ids[1:]]  # pairs (f_t, prompt[t + 1]), t < P - 1
         self._awaiting_prefill = True
         self.capture.attach()
@@ -85,6 +99,7 @@ class EagleDrafter:
             self._take_prefill_features()
         self._check_in_sync(context)
         tree = TokenTree.root(context.token_ids[-1])
+        self._proposed, self._proposed_root = {}, tree.tokens[0]
         budget = context.budget
         if budget <= 0:
             return tree  # pending pairs wait for the next step; nothing to draft
@@ -94,8 +109,8 @@ class EagleDrafter:
             return tree  # a one-token prompt: no target feature yet
         top_k = min(self.top_k, budget, self.head.draft_vocab_size)
         depth = min(self.depth, budget)
-        tokens, parents, scores = self._expand(top_k, depth, budget, context.min_score)
-        return self._assemble(tree, tokens, parents, scores, budget)
+        tokens, parents, scores, buckets = self._expand(top_k, depth, budget, context.min_score)
+        return self._assemble(tree, tokens, parents, scores, buckets, budget)
 
     @torch.inference_mode()
     def observe(self, outcome: StepOutcome) -> None:
@@ -113,6 +128,9 @@ class EagleDrafter:
         self._pending_features.append(features[0].index_select(0, index))  # [m, F]
         self._pending_tokens.extend(int(t) for t in outcome.new_tokens)
         self._last = None
+        if self._proposed and outcome.tree.tokens[0] == self._proposed_root:
+            record_outcomes(outcome, SOURCE_EAGLE, self._proposed, self.calibrator.record)
+        self._proposed = {}
 
     def close(self) -> None:
         self.capture.detach()
@@ -162,19 +180,22 @@ class EagleDrafter:
     # ---- drafting ----------------------------------------------------------------------------------------
 
     def _expand(self, top_k: int, depth: int, budget: int, min_score: float = 0.0):
-        """Candidates of all levels (target ids, parent candidate index, cumulative log-prob), on device."""
-        head, cache = self.head, self._cache
+        """Candidates of all levels (target ids, parent candidate index, calibrated log path score, calibration
+        bucket), on device."""
+        head, cache, calibrator = self.head, self._cache, self.calibrator
         hidden, log_probs = self._last
         stable = len(cache)  # == target cache length; depth-d nodes' pairs sit at position stable + d - 1
         device, dtype = hidden.device, hidden.dtype
         eye = torch.eye(top_k, dtype=torch.bool, device=device)
 
         best = log_probs.topk(top_k)
-        frontier_scores = best.values  # [K]
-        frontier_tokens = head.to_target_ids(best.indices)  # [K]
+        frontier_scores, frontier_buckets = calibrator.score(1, best.values)  # [K] log path scores, buckets
+        frontier_scores, order = frontier_scores.sort(descending=True, stable=True)
+        frontier_buckets = frontier_buckets[order]
+        frontier_tokens = head.to_target_ids(best.indices[order])  # [K]
         frontier_hidden = hidden.expand(top_k, -1)  # [K, H] every depth-1 node continues the root's pair
         frontier_index = torch.arange(top_k, device=device)  # candidate index of each frontier node
-        all_tokens, all_scores = [frontier_tokens], [frontier_scores]
+        all_tokens, all_scores, all_buckets = [frontier_tokens], [frontier_scores], [frontier_buckets]
         all_parents = [torch.full((top_k,), NO_PARENT, device=device)]
         visible = eye  # [K, drafted entries] which draft cache entries each frontier node may attend to
         offset = top_k
@@ -190,12 +211,14 @@ class EagleDrafter:
                 mask[0, 0, :, stable:].masked_fill_(~visible, torch.finfo(dtype).min)
                 out = head(frontier_hidden[None], frontier_tokens[None], positions, mask, cache)
                 children = F.log_softmax(out.logits[0].float(), dim=-1).topk(top_k, dim=-1)  # [K, K]
-                cumulative = (frontier_scores[:, None] + children.values).flatten()  # [K * K]
+                child_scores, child_buckets = calibrator.score(level + 1, children.values.flatten())  # [K * K]
+                cumulative = frontier_scores.repeat_interleave(top_k) + child_scores
                 child_tokens = head.to_target_ids(children.indices).flatten()  # [K * K]
                 all_tokens.append(child_tokens)
                 all_scores.append(cumulative)
+                all_buckets.append(child_buckets)
                 all_parents.append(frontier_index.repeat_interleave(top_k))
-                chosen = cumulative.topk(top_k).indices  # [K] next frontier, best cumulative first
+                chosen = cumulative.topk(top_k).indices  # [K] next frontier, best path score first
                 rows = chosen // top_k  # the frontier node each one extends
                 frontier_scores = cumulative[chosen]
                 frontier_tokens = child_tokens[chosen]
@@ -205,7 +228,7 @@ class EagleDrafter:
                 visible = torch.cat((visible[rows], eye), dim=1)
         finally:
             cache.crop(stable)  # drop every draft-only entry
-        return torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores)
+        return torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores), torch.cat(all_buckets)
 
     @staticmethod
     def _cannot_improve(frontier_scores, all_scores, budget: int, floor: float) -> bool:
@@ -219,21 +242,24 @@ class EagleDrafter:
         # ties go to the earlier (shallower) candidate in `_assemble`'s stable sort, hence <=
         return best <= float(scores.topk(budget).values[-1])
 
-    @staticmethod
-    def _assemble(tree: TokenTree, tokens, parents, scores, budget: int) -> TokenTree:
+    def _assemble(self, tree: TokenTree, tokens, parents, scores, buckets, budget: int) -> TokenTree:
         """Keep the `budget` best candidates and build the TokenTree (the one host sync of a step).
 
-        Cumulative log-probs never increase along a path and parents have smaller indices, so a stable
-        descending sort ranks every parent before its children: the kept prefix is closed under ancestors.
+        Path scores never increase along a path and parents have smaller indices, so a stable descending sort
+        ranks every parent before its children: the kept prefix is closed under ancestors.
         """
         order = torch.sort(scores, descending=True, stable=True).indices[:budget]
         keep = order.sort().values  # topological (ascending candidate index)
-        payload = torch.stack(
-            (keep.double(), tokens[keep].double(), parents[keep].double(), scores[keep].double().exp())
-        )
-        ids, toks, pars, probs = payload.tolist()
+        payload = torch.stack((keep.double(), tokens[keep].double(), parents[keep].double(),
+                               scores[keep].double().exp(), buckets[keep].double()))
+        ids, toks, pars, probs, bucket_ids = payload.tolist()
         node_of: dict[int, int] = {}
-        for cand, token, parent, prob in zip(ids, toks, pars, probs, strict=True):
-            parent_node = 0 if parent == NO_PARENT else node_of[int(parent)]
-            node_of[int(cand)] = tree.add(parent_node, int(token), prob, SOURCE_EAGLE)
+        path_of: dict[int, tuple[int, ...]] = {NO_PARENT: ()}
+        for cand, token, parent, prob, bucket in zip(ids, toks, pars, probs, bucket_ids, strict=True):
+            parent, token = int(parent), int(token)
+            parent_node = 0 if parent == NO_PARENT else node_of[parent]
+            node_of[int(cand)] = tree.add(parent_node, token, prob, SOURCE_EAGLE)
+            path = path_of[parent] + (token,)
+            path_of[int(cand)] = path
+            self._proposed[path] = int(bucket)
         return tree

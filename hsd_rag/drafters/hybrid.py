@@ -12,7 +12,8 @@ number of accepted drafts of a tree T is E[A] = Σ_{u∈T} P(u accepted) (linear
 indicator of each node being on the accepted path). Scores are monotone along paths, so the `budget` highest
 scores form an ancestor-closed set, and no other ancestor-closed set of that size has a larger Σ s(u):
 keeping them maximises the estimated E[A] over all trees the budget allows. Hence, with calibrated scores,
-the fused tree is never worse in expectation than either source alone, nor than any fixed split.
+the fused tree is never worse in expectation than either source alone, nor than any fixed split. A source that
+costs time to draft is asked only when its drafts are expected to raise tokens per second (source_gate.py).
 
 `fixed`: the research prototype's scheme, kept as the baseline — up to `ngram_branches` n-gram continuations of
 `ngram_length` tokens each are carved out of the budget whenever a match exists (blind to how confident the
@@ -26,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from hsd_rag.drafters.base import DraftContext, Drafter, StepOutcome
+from hsd_rag.drafters.source_gate import SourceGate
 from hsd_rag.tree import TokenTree
 
 PROTOTYPE_NGRAM_BRANCHES = 2  # n-gram continuations per step in the prototype
@@ -37,12 +39,60 @@ class FusionPolicy(Protocol):
 
 
 class AdaptiveFusion:
-    """Union of all sources' trees, then the `budget` nodes with the highest acceptance estimates."""
+    """Union of all sources' trees, then the `budget` nodes with the highest acceptance estimates.
+
+    Sources are asked in order; one that costs time to draft (the device's CostProfile gives it a drafting cost,
+    e.g. an EAGLE head) is asked only while its drafts are expected to pay for that cost (SourceGate), and then
+    with a score floor: levels whose nodes could not displace the free sources' kept nodes are never drafted.
+    """
 
     name = "adaptive"
 
+    def __init__(self, gated: bool = True):
+        self.gated = gated
+        self._gates: dict[str, SourceGate] = {}  # per costly source, for this request
+
     def fuse(self, context: DraftContext, drafters: Sequence[Drafter]) -> TokenTree:
-        return fuse_adaptive([d.propose(context) for d in drafters], context.budget)
+        trees: list[TokenTree] = []
+        profile = context.profile
+        for drafter in drafters:
+            if not self.gated or profile is None or profile.draft_cost(drafter.name, 1) == 0:
+                trees.append(drafter.propose(context))
+                continue
+            free_scores = _sorted_scores(trees, context)
+            free_rate = _rate(profile, free_scores, context, 0.0)
+            gate = self._gates.setdefault(drafter.name, SourceGate())
+            if not gate.should_ask(free_rate):
+                continue
+            levels_before = getattr(drafter, "levels_drafted", 0)
+            floor = free_scores[context.budget - 1] if len(free_scores) >= context.budget > 0 else 0.0
+            tree = drafter.propose(replace(context, min_score=max(context.min_score, floor)))
+            levels = getattr(drafter, "levels_drafted", 1) - levels_before
+            trees.append(tree)
+            cost = profile.draft_cost(drafter.name, levels)
+            gate.learn(free_rate, _rate(profile, _sorted_scores(trees, context), context, cost))
+        if not trees:
+            return TokenTree.root(context.token_ids[-1])
+        return fuse_adaptive(trees, context.budget)
+
+    def gate_counts(self) -> dict[str, tuple[int, int]]:
+        """Per costly source: (steps it was asked, steps it was skipped) in this request."""
+        return {name: (gate.asked, gate.skipped) for name, gate in self._gates.items()}
+
+
+def _sorted_scores(trees: Sequence[TokenTree], context: DraftContext) -> list[float]:
+    """Acceptance estimates of the drafts of the fused trees, best first (at most `budget` of them)."""
+    if not trees:
+        return []
+    fused = trees[0] if len(trees) == 1 else fuse_adaptive(trees, context.budget)
+    return sorted(fused.effective_scores()[1:], reverse=True)[: context.budget]
+
+
+def _rate(profile, sorted_scores: list[float], context: DraftContext, drafting_cost: float) -> float:
+    """Expected tokens per unit of time of a step: sized by the profile (auto) or cut to the budget."""
+    if context.auto_budget:
+        return profile.best_rate(sorted_scores, context.budget, drafting_cost)[1]
+    return profile.fixed_rate(sorted_scores, context.budget, drafting_cost)
 
 
 def fuse_adaptive(trees: Sequence[TokenTree], budget: int) -> TokenTree:

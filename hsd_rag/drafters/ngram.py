@@ -5,6 +5,10 @@ sentences) and repeat themselves. A suffix automaton over the documents and the 
 longest suffix of the stream seen before; what followed it there is the draft. Branches are scored with an
 online-calibrated acceptance probability so the tree can be truncated (or fused with other drafters) by score.
 
+Earlier answers (answer_history.py), when the decoder keeps them, are a second index: the longest suffix of the
+stream found there adds its continuations too, labelled SOURCE_HISTORY and calibrated on their own, so the report
+can tell what they bring.
+
 Stream invariant: the stream indexed for a request is exactly `DraftContext.token_ids` at every step. `start`
 indexes the whole prompt (its last token is the first pending root) and `observe` appends
 `StepOutcome.new_tokens` (accepted drafts then the bonus token, which is the next root). So the pending root is
@@ -16,11 +20,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from hsd_rag.drafters.base import DraftContext, StepOutcome
+from hsd_rag.drafters.answer_history import AnswerHistory, longest_suffix_match
+from hsd_rag.drafters.base import DraftContext, StepOutcome, record_outcomes
 from hsd_rag.drafters.ngram_calibration import NgramCalibrator
 from hsd_rag.drafters.suffix_automaton import MATCH_WALK_LIMIT, SuffixAutomaton
-from hsd_rag.tree import SOURCE_NGRAM, TokenTree
+from hsd_rag.tree import SOURCE_HISTORY, SOURCE_NGRAM, TokenTree
 
 # Shortest matched suffix (tokens, root included) that may propose anything. 1 = the pending token alone.
 # A one-token context is the common case at the start of a copied span in BPE text (the first sub-word of a
@@ -32,6 +38,18 @@ MAX_BRANCH = 4  # continuations considered per node, most frequent first
 # Shorter suffix matches whose extra continuations are also offered at the root (alternatives the longest
 # match never saw); 0 = the longest match only.
 MAX_BACKOFF = 2
+
+
+@dataclass
+class _Index:
+    """One suffix automaton the drafter reads, with its calibration and where its proposals are remembered."""
+
+    automaton: SuffixAutomaton
+    calibrator: NgramCalibrator
+    source: int  # the tree label of its drafts
+    proposed: dict[tuple[int, ...], int]  # draft token path below the root -> calibrator bucket
+    state: int  # the longest match of the stream's suffix
+    length: int
 
 
 class NgramDrafter:
@@ -47,6 +65,7 @@ class NgramDrafter:
         max_backoff: int = MAX_BACKOFF,
         match_walk_limit: int = MATCH_WALK_LIMIT,
         calibrator_factory: Callable[[], NgramCalibrator] = NgramCalibrator,
+        history: AnswerHistory | None = None,
     ):
         if min_match < 1 or max_depth < 0 or max_branch < 1 or max_backoff < 0:
             raise ValueError("need min_match >= 1, max_depth >= 0, max_branch >= 1, max_backoff >= 0")
@@ -56,6 +75,7 @@ class NgramDrafter:
         self.max_backoff = max_backoff
         self.match_walk_limit = match_walk_limit
         self.calibrator_factory = calibrator_factory
+        self.history = history
         self._reset()
 
     def _reset(self) -> None:
@@ -66,6 +86,8 @@ class NgramDrafter:
         self._stream_tail = -1  # last stream token (the pending root)
         self._proposed_root = -1  # root token of the last proposal
         self._proposed: dict[tuple[int, ...], int] = {}  # draft token path below the root -> calibrator bucket
+        self.history_calibrator: NgramCalibrator | None = None
+        self._proposed_history: dict[tuple[int, ...], int] = {}  # the same for drafts from earlier answers
 
     # ---- Drafter protocol -------------------------------------------------------------------------------------
 
@@ -81,6 +103,7 @@ class NgramDrafter:
         automaton.recount()  # exact counts now, so proposals never trigger the bulk pass
         self.automaton = automaton
         self.calibrator = self.calibrator_factory()
+        self.history_calibrator = self.calibrator_factory()
         self._stream_length = len(prompt_ids)
         self._stream_tail = int(prompt_ids[-1])
 
@@ -88,8 +111,8 @@ class NgramDrafter:
         """Best-first tree of continuations of the longest match, at most `budget` drafts, `max_depth` deep.
 
         A node's score is its parent's times the calibrated conditional acceptance of its bucket, so scores
-        never increase along a path and best-first order is the order `TokenTree.truncate` keeps. The index is
-        only read (at most the automaton's frequency-ranking memo gets filled).
+        never increase along a path and best-first order is the order `TokenTree.truncate` keeps. The indexes
+        are only read (at most the automaton's frequency-ranking memo gets filled).
         """
         automaton, calibrator = self.automaton, self.calibrator
         if automaton is None or calibrator is None:
@@ -98,45 +121,66 @@ class NgramDrafter:
         root = int(context.token_ids[-1])
         tree = TokenTree.root(root)
         self._proposed_root = root
-        self._proposed = proposed = {}
+        self._proposed, self._proposed_history = {}, {}
         if context.budget <= 0 or self.max_depth <= 0:
             return tree
+        history = self.history
+        if history is None or len(history) == 0:
+            self._grow(tree, context.budget, [self._request_index()])
+            return tree
+        with history.lock:
+            indexes = [self._request_index()]
+            state, length = longest_suffix_match(history.automaton, context.token_ids)
+            if length >= self.min_match:
+                index = _Index(history.automaton, self.history_calibrator, SOURCE_HISTORY,
+                               self._proposed_history, state, length)
+                indexes.insert(0 if length > indexes[0].length else 1, index)  # the longer match ranks first
+            self._grow(tree, context.budget, indexes)
+        return tree
 
+    def _request_index(self) -> _Index:
+        state, length = self.automaton.longest_match(self._stream)
+        return _Index(self.automaton, self.calibrator, SOURCE_NGRAM, self._proposed, state, length)
+
+    def _grow(self, tree: TokenTree, budget: int, indexes: list[_Index]) -> None:
+        """Best-first expansion of the continuations of every index's match into `tree`."""
         counter = itertools.count()  # heap tie-break: earlier pushes (more frequent, shallower) first
-        # Heap entries: (-score, tie, parent node, token, automaton state, context length, depth, bucket, path).
-        heap: list[tuple[float, int, int, int, int, int, int, int, tuple[int, ...]]] = []
+        # Heap entries: (-score, tie, parent node, token, index, automaton state, context length, depth, bucket,
+        # token path below the root).
+        heap: list = []
 
-        def push_children(node: int, score: float, state: int, context_length: int, depth: int,
+        def push_children(index: _Index, node: int, score: float, state: int, context_length: int, depth: int,
                           path: tuple[int, ...], skip: set[int] | None = None) -> None:
-            children, total = automaton.top_transitions(state, self.max_branch)
+            children, total = index.automaton.top_transitions(state, self.max_branch)
             for token, child, count in children:
                 if skip is not None:
                     if token in skip:
                         continue
                     skip.add(token)
-                bucket = calibrator.bucket(context_length, count / total)
-                child_score = score * calibrator.estimate(bucket)
-                heapq.heappush(heap, (-child_score, next(counter), node, token, child, context_length + 1,
+                bucket = index.calibrator.bucket(context_length, count / total)
+                child_score = score * index.calibrator.estimate(bucket)
+                heapq.heappush(heap, (-child_score, next(counter), node, token, index, child, context_length + 1,
                                       depth + 1, bucket, path + (token,)))
 
-        # Root: the longest match first, then shorter suffix matches for continuations it never saw (among
-        # their `max_branch` most frequent).
-        state, length = automaton.longest_match(self._stream)
-        seen: set[int] = set()
-        for _ in range(self.max_backoff + 1):
-            if length < self.min_match:
-                break
-            push_children(0, 1.0, state, length, 0, (), seen)
-            state = automaton.link(state)
-            length = automaton.length(state)
+        # Root: each index's longest match first, then its shorter suffix matches for continuations it never saw
+        # (among their `max_branch` most frequent). A token both indexes offer becomes one node with both
+        # labels, and each index keeps expanding its own continuations below it.
+        for index in indexes:
+            seen: set[int] = set()
+            state, length = index.state, index.length
+            for _ in range(self.max_backoff + 1):
+                if length < self.min_match:
+                    break
+                push_children(index, 0, 1.0, state, length, 0, (), seen)
+                state = index.automaton.link(state)
+                length = index.automaton.length(state)
 
-        while heap and tree.num_drafts < context.budget:
-            neg_score, _, parent, token, state, context_length, depth, bucket, path = heapq.heappop(heap)
-            node = tree.add(parent, token, -neg_score, SOURCE_NGRAM)
-            proposed[path] = bucket
+        while heap and tree.num_drafts < budget:
+            neg_score, _, parent, token, index, state, context_length, depth, bucket, path = heapq.heappop(heap)
+            node = tree.add(parent, token, -neg_score, index.source)
+            index.proposed[path] = bucket
             if depth < self.max_depth:
-                push_children(node, -neg_score, state, context_length, depth, path)
-        return tree
+                push_children(index, node, -neg_score, state, context_length, depth, path)
 
     def observe(self, outcome: StepOutcome) -> None:
         """Calibrate on the verified n-gram nodes, then append the step's tokens to the stream.
@@ -148,20 +192,12 @@ class NgramDrafter:
         automaton, calibrator = self.automaton, self.calibrator
         if automaton is None or calibrator is None:
             raise RuntimeError("NgramDrafter.observe called before start")
-        tree = outcome.tree
-        if self._proposed and outcome.accepted_nodes and tree.tokens[0] == self._proposed_root:
-            accepted = outcome.accepted_nodes
-            accepted_set = set(accepted)
-            paths: dict[int, tuple[int, ...]] = {accepted[0]: ()}  # accepted node -> token path below root
-            for node in accepted[1:]:
-                paths[node] = paths[tree.parents[node]] + (tree.tokens[node],)
-            for node in range(1, len(tree)):
-                parent = tree.parents[node]
-                if parent in accepted_set and tree.sources[node] & SOURCE_NGRAM:
-                    bucket = self._proposed.get(paths[parent] + (tree.tokens[node],))
-                    if bucket is not None:
-                        calibrator.record(bucket, node in accepted_set)
-        self._proposed = {}
+        if outcome.tree.tokens[0] == self._proposed_root:
+            if self._proposed:
+                record_outcomes(outcome, SOURCE_NGRAM, self._proposed, calibrator.record)
+            if self._proposed_history:
+                record_outcomes(outcome, SOURCE_HISTORY, self._proposed_history, self.history_calibrator.record)
+        self._proposed, self._proposed_history = {}, {}
         new_tokens = [int(token) for token in outcome.new_tokens]
         automaton.extend(self._stream, new_tokens)
         if new_tokens:

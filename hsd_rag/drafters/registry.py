@@ -17,10 +17,17 @@ def _eagle(decoder):
     return EagleDrafter(decoder.model, decoder.head)
 
 
+def _ngram(decoder, cfg):
+    """N-gram drafts from the request's documents + prompt + answer, and from earlier answers unless disabled."""
+    history = getattr(decoder, "answer_history", None) if cfg.answer_history else None
+    return NgramDrafter(history=history)
+
+
 DRAFTER_FACTORIES: dict[str, Callable] = {
-    "ngram": lambda decoder, cfg: NgramDrafter(),
+    "ngram": _ngram,
     "eagle": lambda decoder, cfg: _eagle(decoder),
-    "hybrid": lambda decoder, cfg: HybridDrafter([NgramDrafter(), _eagle(decoder)], AdaptiveFusion()),
+    "hybrid": lambda decoder, cfg: HybridDrafter([_ngram(decoder, cfg), _eagle(decoder)], AdaptiveFusion()),
+    # the prototype's baseline: as published, no earlier answers
     "hybrid-fixed": lambda decoder, cfg: HybridDrafter([NgramDrafter(), _eagle(decoder)], FixedFusion()),
 }
 

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from hsd_rag.heads.acceptance_priors import AcceptancePriors
 from hsd_rag.heads.base import DraftHead
 from hsd_rag.heads.eagle1 import Eagle1Head
 from hsd_rag.heads.eagle3 import Eagle3Head
@@ -121,6 +122,7 @@ def load_head(
         _check_vocab_map(head, directory)
     embedding = target_model.get_input_embeddings()
     head = head.to(device=device or embedding.weight.device, dtype=dtype or embedding.weight.dtype)
+    head.acceptance_priors = AcceptancePriors.load(directory)  # None when the head ships no priors
     return head.bind_target(target_model).eval()
 
 

@@ -89,6 +89,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", default="eagle", help="decoding method whose τ is measured")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the numbers to this json file")
+    p.add_argument(
+        "--write-priors", type=int, default=0, metavar="N",
+        help="instead: measure acceptance priors (per depth x head-probability bucket) on N held-out prompts per "
+             "language of --priors-languages, taken after the first 50 that benchmarks use, and write "
+             "acceptance_priors.json into the head directory",
+    )
+    p.add_argument("--priors-languages", nargs="+", default=["en", "fr", "es"], choices=["en", "fr", "es"])
     p.set_defaults(func=run_eval)
     return p
 
@@ -106,6 +113,8 @@ def run_eval(args) -> int:
     decoder = HybridSpecDecoder.from_pretrained(args.target, head=args.head)
     if decoder.head is None:
         raise ValueError(f"No EAGLE head to judge for {args.target or 'the default target'}: pass --head DIR.")
+    if args.write_priors:
+        return _write_priors(args, decoder)
     prompts = heldout_rag_conversations(args.limit, args.lang)
     report = measure_tau(decoder, prompts, args.budget, args.max_new_tokens, args.method)
     top1 = depth_accuracy(decoder, decoder.head, report.conversations).accuracy()
@@ -129,6 +138,26 @@ def run_eval(args) -> int:
     print("teacher-forced top-1 by depth 1..: " + " ".join(f"{x:.3f}" for x in numbers["top1_by_depth"]))
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0
+
+
+def _write_priors(args, decoder) -> int:
+    from hsd_rag.heads.checkpoint import resolve_checkpoint_dir
+    from hsd_rag.loading import shipped_head_dir
+    from hsd_rag.training.evaluate import PRIORS_OFFSET, heldout_rag_conversations, measure_priors
+
+    directory = shipped_head_dir() if args.head == "auto" else resolve_checkpoint_dir(args.head)
+    prompts = [c for lang in args.priors_languages
+               for c in heldout_rag_conversations(args.write_priors, lang, offset=PRIORS_OFFSET)]
+    source = (f"hsd-rag eval-head --write-priors {args.write_priors} --priors-languages "
+              f"{' '.join(args.priors_languages)} --budget {args.budget} (held-out prompts {PRIORS_OFFSET}+)")
+    priors = measure_priors(decoder, prompts, args.budget, args.max_new_tokens, source)
+    path = priors.save(directory)
+    print(f"acceptance per depth (decided drafts, all head-probability buckets), from {len(prompts)} prompts:")
+    for depth, (acc, ver) in enumerate(zip(priors.accepted, priors.verified, strict=True), start=1):
+        if sum(ver):
+            print(f"  depth {depth}: {sum(acc)}/{sum(ver)} = {sum(acc) / sum(ver):.3f}")
+    print(f"written to {path}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 - `measure_tau`: greedy `generate(method="eagle")` on held-out prompts; τ = generated tokens / target forwards
   over all prompts together (bonus token included), plus how deep each step's accepted path went.
+- `measure_priors`: how often the head's drafts are accepted per (depth, head-probability) bucket, ranked by the
+  head's own probabilities — the acceptance priors stored beside the head (hsd_rag.heads.acceptance_priors).
 - `depth_accuracy`: the training-time-test statistics (top-1 agreement with the target at unroll depth
   1..K given a correct prefix) on answered conversations; the answers `measure_tau` produced are exactly the
   target's greedy answers, so they serve directly.
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from hsd_rag.heads.acceptance_priors import AcceptancePriors
 from hsd_rag.training.batches import collate
 from hsd_rag.training.data import Conversation, encode
 from hsd_rag.training.features import compute_sample, fit_length
@@ -45,18 +48,49 @@ class TauReport:
         ]
 
 
-def heldout_rag_conversations(limit: int | None = None, lang: str = "en") -> list[Conversation]:
+PRIORS_OFFSET = 50  # priors are measured on held-out prompts from here on: benchmarks use the first ones
+
+
+def heldout_rag_conversations(limit: int | None = None, lang: str = "en", offset: int = 0) -> list[Conversation]:
     """Benchmark (held-out) RAG prompts: never used by the training recipe."""
     from hsd_rag.bench.datasets import HELDOUT_FRACTION
     from hsd_rag.data import format_messages, load_builtin, split
 
     _, heldout = split(load_builtin(lang), HELDOUT_FRACTION)
+    end = None if limit is None else offset + limit
     return [
         Conversation(
             id=e.id, messages=format_messages(e), documents=list(e.documents), source=f"heldout-{lang}"
         )
-        for e in heldout[:limit]
+        for e in heldout[offset:end]
     ]
+
+
+def measure_priors(decoder, conversations: list[Conversation], budget: int, max_new_tokens: int = 96,
+                   source: str = "") -> AcceptancePriors:
+    """Greedy EAGLE decoding ranked by the head's raw probabilities; the decided drafts counted per bucket."""
+    from hsd_rag.drafters.eagle import EagleDrafter
+    from hsd_rag.drafters.eagle_calibration import RawHeadScores
+
+    total = AcceptancePriors.empty(source)
+    counters: list[RawHeadScores] = []
+
+    def counting_calibrator():
+        counters.append(RawHeadScores(device=decoder.head.device))
+        return counters[-1]
+
+    original = decoder.drafter_factories
+    decoder.drafter_factories = {  # this decoder's "eagle" method ranks by the raw head for the measurement
+        **original, "eagle": lambda dec, cfg: EagleDrafter(dec.model, dec.head, calibrator_factory=counting_calibrator)
+    }
+    try:
+        for conversation in tqdm(conversations, desc="acceptance priors"):
+            decoder.generate(conversation.messages, conversation.documents, method="eagle", budget=budget,
+                             max_new_tokens=max_new_tokens, temperature=0.0, answer_history=False)
+            total.add(counters[-1].observed())
+    finally:
+        decoder.drafter_factories = original
+    return total
 
 
 def measure_tau(
