@@ -51,6 +51,26 @@ def _isotonic(values: list[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(count)]
 
 
+def _strictly_rising(tokens: list[int], costs: list[float]) -> list[float]:
+    """Replace each flat run that pooling left by a line from the point before it to its last point.
+
+    A flat stretch would make extra drafts look free there (and zero the drafters' early-exit floor); a straight
+    line through the surrounding measurements is the smallest change that keeps every marginal cost positive.
+    """
+    costs = list(costs)
+    i = 1
+    while i < len(costs):
+        j = i
+        while j + 1 < len(costs) and costs[j + 1] == costs[i]:
+            j += 1
+        if j > i and costs[i] > costs[i - 1]:
+            x0, y0, x1, y1 = tokens[i - 1], costs[i - 1], tokens[j], costs[j]
+            for k in range(i, j):
+                costs[k] = y0 + (y1 - y0) * (tokens[k] - x0) / (x1 - x0)
+        i = j + 1
+    return costs
+
+
 @dataclass
 class CostProfile:
     """Relative forward cost at measured token counts; piecewise-linear in between, linear beyond."""
@@ -64,7 +84,7 @@ class CostProfile:
     draft_costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.relative_cost = _isotonic(list(self.relative_cost))
+        self.relative_cost = _strictly_rising(self.tokens, _isotonic(list(self.relative_cost)))
 
     def draft_cost(self, source: str, levels: float) -> float:
         """Cost of asking `source` for a tree of `levels` levels (0 for sources that draft for free)."""

@@ -57,3 +57,22 @@ def test_no_kept_draft_scores_below_the_min_useful_score(scores, budget, profile
 def test_min_useful_score_is_zero_when_verification_is_free():
     assert FREE.min_useful_score(16) == 0.0
     assert 0.0 < CPU.min_useful_score(16) < 0.1
+
+
+def test_a_dip_in_a_measured_profile_is_pooled_so_bigger_trees_never_look_free():
+    dipped = CostProfile(tokens=[1, 8, 12, 16, 24], relative_cost=[1.0, 2.15, 2.58, 2.23, 2.47])
+    costs = dipped.relative_cost
+    assert all(a < b for a, b in zip(costs, costs[1:], strict=False))  # strictly rising
+    assert costs[3] == (2.58 + 2.23) / 2 and costs[:2] == [1.0, 2.15] and costs[4] == 2.47
+    assert dipped.min_useful_score(64) > 0.0  # the early-exit floor is no longer zeroed by the dip
+
+
+def test_drafting_costs_default_for_eagle_and_zero_for_free_sources(tmp_path):
+    measured = CostProfile(tokens=[1, 16], relative_cost=[1.0, 2.0], draft_costs={"eagle": {"fixed": 0.1, "per_level": 0.05}})
+    assert measured.draft_cost("eagle", 4) == 0.1 + 0.05 * 4
+    assert measured.draft_cost("ngram", 4) == 0.0
+    assert CPU.draft_cost("eagle", 1) > 0.0  # the built-in estimate until `hsd-rag tune` measured it
+    measured.save(tmp_path / "p.json")
+    assert CostProfile.load(tmp_path / "p.json") == measured
+    k, rate = measured.best_rate([0.9, 0.9], budget=16, extra_cost=0.5)
+    assert k == 2 and rate == (1 + 1.8) / (measured.cost(3) + 0.5)
