@@ -53,16 +53,16 @@ def docs_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from hsd_rag.retrieval import default_embedder
+    from hsd_rag.retrieval import default_embedding
 
-    return default_embedder()
+    return default_embedding()
 
 
 @pytest.fixture(scope="module")
 def folder_index(docs_folder, minilm):
     from hsd_rag.retrieval import FolderIndex
 
-    return FolderIndex.build(docs_folder, index_dir=docs_folder.parent / "index", embedder=minilm)
+    return FolderIndex.build(docs_folder, index_dir=docs_folder.parent / "index", embedding=minilm)
 
 
 @pytest.fixture(scope="module")

@@ -257,6 +257,11 @@ class FaissStore(VectorStore):
                 return np.zeros((0, self.dimension or 0), dtype=np.float32)
             return self._index.reconstruct_n(0, len(self._ids))
 
+    def snapshot(self) -> tuple[list[Document], np.ndarray]:
+        """`documents()` and `vectors()` taken together, consistent even while another thread updates."""
+        with self._lock:
+            return self.documents(), self.vectors()
+
     def save_local(self, folder_path: str | Path) -> Path:
         """Write `index.faiss` (vectors, FAISS's binary format) then `index.json` (ids, texts, metadata).
 
