@@ -37,8 +37,8 @@ DOCUMENTS_KWARG = "documents"  # per-call extra texts to draft from
 DOCUMENTS_KEY = "hsd_rag_documents"  # the same, carried in a message's additional_kwargs
 TIMEOUT_KWARG = "timeout"  # per-call generation deadline in seconds (a field too)
 TIMEOUT_STOP_REASON = "timeout"  # stop_reason and finish_reason of an answer cut by its deadline
-# Our stop reasons -> the finish_reason vocabulary chat frameworks already know ("stop" / "length"); a deadline
-# has no standard name there, so it keeps its own.
+# Our stop reasons -> the finish_reason vocabulary chat frameworks already know ("stop" / "length");
+# a deadline has no standard name there, so it keeps its own.
 FINISH_REASONS = {
     "eos": "stop",
     "stop_string": "stop",
@@ -100,9 +100,12 @@ class ModelFields(BaseModel):
         description='EAGLE head: "auto" = the head shipped for the default model (none for other models), '
         'None or "none" = no head, else an EAGLE-3 / EAGLE-1/2 checkpoint directory or hub id.',
     )
-    device: str | None = Field(default=None, description='"cuda", "cpu", "mps", ...; None = CUDA when available.')
+    device: str | None = Field(
+        default=None, description='"cuda", "cpu", "mps", ...; None = CUDA when available.'
+    )
     dtype: str | None = Field(
-        default=None, description='"float32", "bfloat16", ...; None / "auto" = float32 on CPU, bfloat16 on CUDA.'
+        default=None,
+        description='"float32", "bfloat16", ...; None / "auto" = float32 on CPU, bfloat16 on CUDA.',
     )
     model_kwargs: dict[str, Any] | None = Field(
         default=None, description="Extra keyword arguments for transformers' from_pretrained (revision, ...)."
@@ -117,7 +120,7 @@ class ModelFields(BaseModel):
 
 
 def looks_local(model: str) -> bool:
-    """A path rather than a hub id: absolute, relative with ./ ../ or ~, a .gguf file, or anything that exists."""
+    """A path rather than a hub id: absolute, starting with . or ~, a .gguf file, or anything that exists."""
     return (
         Path(model).expanduser().is_absolute()
         or model.startswith((".", "~"))
@@ -130,8 +133,8 @@ def check_model_source(model: str | None, adapter: str) -> None:
     """Fail at construction, not at the first call, when a local model path does not exist."""
     if model is not None and looks_local(model) and not Path(model).expanduser().exists():
         raise ValueError(
-            f"{adapter}: model {model!r} does not exist. Pass a local model directory, a .gguf file, a hub id "
-            '("org/name"), or leave model unset for the embedded default.'
+            f"{adapter}: model {model!r} does not exist. Pass a local model directory, a .gguf file, a hub "
+            'id ("org/name"), or leave model unset for the embedded default.'
         )
 
 
@@ -148,9 +151,10 @@ def decoder_for(fields: ModelFields) -> HybridSpecDecoder:
     """The decoder an adapter's model fields ask for: loaded once per process and settings, then shared."""
     head = None if fields.head in (None, HEAD_NONE) else fields.head
     extra = dict(fields.model_kwargs or {})
-    if fields.model is None and head == HEAD_AUTO and fields.device is None and fields.dtype is None and not extra:
+    settings = (fields.model, head, fields.device, fields.dtype)
+    if settings == (None, HEAD_AUTO, None, None) and not extra:
         return default_decoder()
-    key = (fields.model, head, fields.device, fields.dtype, tuple(sorted((k, repr(v)) for k, v in extra.items())))
+    key = (*settings, tuple(sorted((k, repr(v)) for k, v in extra.items())))
     with _default_lock:  # one load at a time: two threads asking for the same model get one copy
         if key not in _decoders:
             _decoders[key] = HybridSpecDecoder.from_pretrained(
@@ -171,16 +175,17 @@ def model_name(decoder: HybridSpecDecoder | None, model: str | None = None) -> s
 
 
 def call_timeout(kwargs: dict[str, Any], default: float | None, adapter: str) -> float | None:
-    """Pop the per-call `timeout` (seconds) from `kwargs`, or the field's value; a bad one raises ValueError."""
+    """Pop the per-call `timeout` (seconds) from `kwargs`, else the field's; a bad one raises ValueError."""
     timeout = kwargs.pop(TIMEOUT_KWARG, default)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if timeout is not None and (not number or timeout <= 0):
         raise ValueError(f"{adapter}: timeout must be a positive number of seconds or None, got {timeout!r}.")
     return timeout
 
 
 class DeadlineStream:
-    """A decoder token stream with a deadline: once `timeout` seconds have passed since the call, it stops after
-    the current token, frees the decoder, and `result` holds what was generated with stop_reason "timeout".
+    """A decoder token stream with a deadline: once `timeout` seconds have passed since the call, it stops
+    after the current token, frees the decoder, and `result` holds what was generated, stop_reason "timeout".
 
     The decoder has no deadline of its own, so it is enforced here, between tokens. Stats of a cut answer are
     what the tokens tell (count, target forwards, accepted drafts per source); drafted counts and the time

@@ -3,8 +3,8 @@
     from hsd_rag.langchain import HybridSpecLLM, attach_documents
 
     llm = HybridSpecLLM(max_new_tokens=256)          # the embedded SmolLM2-135M, loaded on first use
-    llm = HybridSpecLLM(model="org/name", head=None, device="cuda", dtype="bfloat16")  # or a dir / .gguf, lazily
-    llm = HybridSpecLLM.from_model_id("org/name")   # the same, loaded now (as HuggingFacePipeline.from_model_id)
+    llm = HybridSpecLLM(model="org/name", head=None, device="cuda")  # or a dir / .gguf, loaded on first use
+    llm = HybridSpecLLM.from_model_id("org/name")   # the same, loaded now (as HuggingFacePipeline does)
     llm = HybridSpecLLM(decoder=my_decoder)          # or share an already-loaded HybridSpecDecoder
     chain = {"context": retriever, "question": RunnablePassthrough()} | attach_documents(prompt) | llm
 
@@ -131,9 +131,9 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
 
     The model: `decoder=` (already loaded) or `model=` / `head=` / `device=` / `dtype=` (loaded on first use).
     Generation settings are fields and can be overridden per call (`llm.invoke(msgs, temperature=0.7)`); the
-    per-call `documents=[...]` adds texts to draft from, `timeout=` sets a deadline. See the module docstring for
-    documents and stats. `max_retries` (a setting of hosted chat models) is accepted and ignored; `api_key` and
-    any unknown name raise ValueError.
+    per-call `documents=[...]` adds texts to draft from, `timeout=` sets a deadline. See the module docstring
+    for documents and stats. `max_retries` (a setting of hosted chat models) is accepted and ignored; `api_key`
+    and any unknown name raise ValueError.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -173,7 +173,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
                 f"generation settings are {', '.join((*GENERATION_KWARGS, 'stop'))}."
             )
         if values.get("decoder") is not None and values.get("model") is not None:
-            raise ValueError(f"{ADAPTER}: pass either decoder= (already loaded) or model= (to load), not both.")
+            raise ValueError(f"{ADAPTER}: pass either decoder= (loaded) or model= (to load), not both.")
         check_model_source(values.get("model"), ADAPTER)
         return {k: v for k, v in values.items() if k not in IGNORED_REMOTE_PARAMS}
 
@@ -188,8 +188,8 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         model_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> HybridSpecLLM:
-        """Load `model_id` (hub id, local directory or .gguf) now, as `HuggingFacePipeline.from_model_id` does,
-        so a wrong id fails here; `kwargs` are the other fields (max_new_tokens, temperature, ...)."""
+        """Load `model_id` (hub id, local directory or .gguf) now, as `HuggingFacePipeline.from_model_id`
+        does, so a wrong id fails here; `kwargs` are the other fields (max_new_tokens, temperature, ...)."""
         llm = cls(model=model_id, head=head, device=device, dtype=dtype, model_kwargs=model_kwargs, **kwargs)
         llm._decoder()
         return llm
@@ -211,8 +211,8 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         return self._decoder().tokenizer(text, add_special_tokens=False).input_ids
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
-        """Exactly the prompt tokens these messages cost: the model's chat template with the generation prompt,
-        the same count `usage_metadata["input_tokens"]` reports."""
+        """Exactly the prompt tokens these messages cost: the model's chat template with the generation
+        prompt, the same count `usage_metadata["input_tokens"]` reports."""
         if tools:
             raise ValueError(f"{ADAPTER} cannot count tool definitions; count the messages without tools.")
         return len(self._decoder().encode_prompt(to_chat_messages(messages)))
@@ -243,9 +243,8 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         timeout = call_timeout(kwargs, self.timeout, ADAPTER)
         decoder = self._decoder()
         prompt, documents, settings = self._call_args(messages, stop, kwargs)
-        stream = DeadlineStream(
-            decoder.stream_tokens(prompt, documents, **settings), timeout, lambda: len(decoder.encode_prompt(prompt))
-        )
+        tokens = decoder.stream_tokens(prompt, documents, **settings)
+        stream = DeadlineStream(tokens, timeout, lambda: len(decoder.encode_prompt(prompt)))
         pieces = iter(stream)
         try:
             for piece in pieces:

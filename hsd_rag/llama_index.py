@@ -15,15 +15,16 @@ builds its own drafter, so concurrent requests never draft from each other's chu
 
 Stats: `response.raw` is an OpenAI-shaped dict, {"model", "usage": {"prompt_tokens", "completion_tokens",
 "total_tokens"}, "finish_reason", "hsd_rag_stats": every GenerationStats field}, so LlamaIndex's own
-`TokenCountingHandler` counts exactly the tokens the model read and wrote; `response.additional_kwargs` holds
-finish_reason, tau, steps, accepted_by_source, usage and "hsd_rag_stats" too. When streaming, both arrive on the
-last response. A query engine returns only text: read them from the LLM's chat end event with a LlamaIndex
+`TokenCountingHandler` counts exactly the tokens the model read and wrote; `response.additional_kwargs`
+holds finish_reason, tau, steps, accepted_by_source, usage and "hsd_rag_stats" too. When streaming, both
+arrive on the last response. A query engine returns only text: read them from the LLM's chat end event with a LlamaIndex
 instrumentation handler (`LLMChatEndEvent.response.raw`), or from a handler in `Settings.callback_manager` (a
 query engine's synthesizer replaces the LLM's own callback manager with that one).
 
 Tokens: `llm.tokenizer` is the model's own tokenizer as LlamaIndex's tokenizer hook wants it (`str -> ids`):
-`Settings.tokenizer = llm.tokenizer` makes prompt fitting and token counting exact. `timeout=` (a field, or per
-call) is a real generation deadline (finish_reason "timeout"); `api_key` is refused: a local model has none.
+`Settings.tokenizer = llm.tokenizer` makes prompt fitting and token counting exact. `timeout=` (a field, or
+per call) is a real generation deadline (finish_reason "timeout"); `api_key` is refused: a local model has
+none.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
     def __init__(self, decoder: HybridSpecDecoder | None = None, **kwargs: Any):
         """`decoder`: an already-loaded decoder to share; None loads the model of the fields on first use."""
         if decoder is not None and kwargs.get("model") is not None:
-            raise ValueError(f"{ADAPTER}: pass either decoder (already loaded) or model= (to load), not both.")
+            raise ValueError(f"{ADAPTER}: pass either decoder (loaded) or model= (to load), not both.")
         super().__init__(**kwargs)
         self._decoder = decoder
 

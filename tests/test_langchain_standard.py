@@ -35,7 +35,7 @@ class TestHybridSpecLLMStandard(ChatModelUnitTests):
     @property
     def standard_chat_model_params(self) -> dict:
         params = super().standard_chat_model_params
-        del params["api_key"]  # a local model has none, and HybridSpecLLM refuses one (tests/test_model_selection.py)
+        del params["api_key"]  # a local model has none: HybridSpecLLM refuses one (test_model_selection.py)
         return params
 
     @property

@@ -72,11 +72,15 @@ def test_model_by_path_loads_lazily_once_and_is_shared(model_dir, reference, loa
     assert first.invoke(QUESTION).content == reference.text  # the saved weights answer as the original
     assert second.invoke(QUESTION).content == reference.text
     assert llama.complete(QUESTION).text == reference.text
-    assert loads == [((path,), {"head": None, "device": None, "dtype": None})]  # one load, shared by all three
+    assert loads == [
+        ((path,), {"head": None, "device": None, "dtype": None})
+    ]  # one load, shared by all three
 
 
 def test_from_model_id_loads_now_in_both_adapters(model_dir, reference, loads):
-    llm = HybridSpecLLM.from_model_id(str(model_dir), head="none", device="cpu", dtype="float32", max_tokens=SHORT)
+    llm = HybridSpecLLM.from_model_id(
+        str(model_dir), head="none", device="cpu", dtype="float32", max_tokens=SHORT
+    )
     assert len(loads) == 1 and llm.max_new_tokens == SHORT and llm.device == "cpu"
     assert llm.invoke(QUESTION).content == reference.text
     llama = LlamaIndexLLM.from_model_id(str(model_dir), head="none", device="cpu", dtype="float32")
@@ -153,7 +157,10 @@ def test_langchain_timeout_returns_what_was_generated(chat_decoder, reference, c
     assert message.usage_metadata["input_tokens"] == reference.stats.prompt_tokens
     assert not chat_decoder._lock.locked()  # the decoder was released
     chunks = list(llm.stream(QUESTION))
-    assert "".join(c.content for c in chunks) == expected and chunks[-1].response_metadata["finish_reason"] == "timeout"
+    assert (
+        "".join(c.content for c in chunks) == expected
+        and chunks[-1].response_metadata["finish_reason"] == "timeout"
+    )
     untimed = llm.invoke(QUESTION, timeout=None)  # a per-call value replaces the field
     assert untimed.content == reference.text and untimed.response_metadata["finish_reason"] == "length"
 
@@ -171,7 +178,10 @@ def test_llama_index_timeout_returns_what_was_generated(chat_decoder, reference,
 def test_a_deadline_that_passes_at_once_stops_after_the_first_token(chat_decoder, reference):
     """The real clock: a nanosecond deadline has passed by the time the first token exists."""
     message = HybridSpecLLM(decoder=chat_decoder, max_new_tokens=SHORT).invoke(QUESTION, timeout=1e-9)
-    assert message.usage_metadata["output_tokens"] == 1 and message.response_metadata["finish_reason"] == "timeout"
+    assert (
+        message.usage_metadata["output_tokens"] == 1
+        and message.response_metadata["finish_reason"] == "timeout"
+    )
     assert message.content == chat_decoder.tokenizer.decode(reference.token_ids[:1], skip_special_tokens=True)
 
 

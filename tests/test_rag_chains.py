@@ -123,7 +123,7 @@ class ChatEndEvents:
 
 @pytest.mark.slow
 def test_llama_index_query_engine_drafts_from_the_retrieved_chunks(folder_index, default_decoder):
-    """...and LlamaIndex's own TokenCountingHandler (in Settings.callback_manager) counts its tokens exactly."""
+    """...and LlamaIndex's TokenCountingHandler (in Settings.callback_manager) counts its tokens exactly."""
     from llama_index.core import Settings
     from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 

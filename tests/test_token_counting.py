@@ -45,7 +45,9 @@ def counter(chat_decoder):
 
 
 def test_direct_calls_are_counted_from_the_usage(chat_decoder, reference, counter):
-    llm = HybridSpecLLM(decoder=chat_decoder, max_new_tokens=SHORT, callback_manager=CallbackManager([counter]))
+    llm = HybridSpecLLM(
+        decoder=chat_decoder, max_new_tokens=SHORT, callback_manager=CallbackManager([counter])
+    )
     llm.complete(QUESTION)
     llm.chat([ChatMessage(role=MessageRole.USER, content=QUESTION)])
     list(llm.stream_chat([ChatMessage(role=MessageRole.USER, content=QUESTION)]))
@@ -67,8 +69,12 @@ def settings_counter(counter):
 @pytest.fixture(scope="module")
 def folder_index(tmp_path_factory):
     folder = tmp_path_factory.mktemp("station")
-    (folder / "station.txt").write_text("The station was founded in 1987 by Ingrid Solbakken-Moe.", encoding="utf-8")
-    return FolderIndex.build(folder, embedding=DeterministicFakeEmbedding(size=FAKE_EMBEDDING_SIZE), save=False)
+    (folder / "station.txt").write_text(
+        "The station was founded in 1987 by Ingrid Solbakken-Moe.", encoding="utf-8"
+    )
+    return FolderIndex.build(
+        folder, embedding=DeterministicFakeEmbedding(size=FAKE_EMBEDDING_SIZE), save=False
+    )
 
 
 class ChatEnds:

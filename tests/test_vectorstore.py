@@ -90,13 +90,17 @@ def test_mmr_trades_relevance_for_diversity(store):
     assert diverse[0].id == "d0" and diverse[1].id != "d1"
     only_fruit = store.max_marginal_relevance_search("red fruit", k=2, fetch_k=5, filter={"kind": "fruit"})
     assert {d.metadata["kind"] for d in only_fruit} == {"fruit"}
-    retriever = store.as_retriever(search_type="mmr", search_kwargs={"k": 2, "fetch_k": 5, "lambda_mult": 0.3})
+    retriever = store.as_retriever(
+        search_type="mmr", search_kwargs={"k": 2, "fetch_k": 5, "lambda_mult": 0.3}
+    )
     assert [d.id for d in retriever.invoke("red fruit")] == [d.id for d in diverse]
 
 
 async def test_async_search_matches_sync(store):
     assert await store.asimilarity_search("green", k=2) == store.similarity_search("green", k=2)
-    assert await store.amax_marginal_relevance_search("red", k=2) == store.max_marginal_relevance_search("red", k=2)
+    assert await store.amax_marginal_relevance_search("red", k=2) == store.max_marginal_relevance_search(
+        "red", k=2
+    )
 
 
 def test_save_and_load_round_trip_is_json_and_faiss_only(store, tmp_path):
@@ -105,7 +109,9 @@ def test_save_and_load_round_trip_is_json_and_faiss_only(store, tmp_path):
     payload = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     assert payload["ids"] == ["d0", "d2", "d3", "d4"]
     loaded = FaissStore.load_local(folder, AxisEmbeddings())
-    assert loaded.similarity_search_with_score("red car", k=4) == store.similarity_search_with_score("red car", k=4)
+    assert loaded.similarity_search_with_score("red car", k=4) == store.similarity_search_with_score(
+        "red car", k=4
+    )
     assert loaded.get_by_ids(["d4", "d1"]) == [Document("blue sky", metadata=DOCS[4].metadata, id="d4")]
     np.testing.assert_array_equal(loaded.vectors(), store.vectors())
 

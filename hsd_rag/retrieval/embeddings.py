@@ -54,7 +54,8 @@ class LlamaIndexEmbeddings(Embeddings):
 def _llama_index_name(model: Any) -> str:
     if type(model).__name__ == "HuggingFaceEmbedding":
         return f"{HUGGINGFACE_PREFIX}{model.model_name}"
-    return f"{CLASS_PREFIX}{type(model).__module__}.{type(model).__qualname__}:{getattr(model, 'model_name', '')}"
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    return f"{CLASS_PREFIX}{kind}:{getattr(model, 'model_name', '')}"
 
 
 def _is_llama_index_embedding(model: Any) -> bool:

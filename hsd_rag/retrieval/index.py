@@ -5,12 +5,12 @@
     index.vectorstore                       # a LangChain VectorStore (FaissStore): MMR, filters, as_retriever
     index.as_llama_index()                  # a LlamaIndex VectorStoreIndex over FaissVectorStore
 
-The parts: `FolderLoader` (a LangChain `BaseLoader`) reads the files, LangChain's `RecursiveCharacterTextSplitter`
-cuts chunks, any LangChain `Embeddings` or LlamaIndex `BaseEmbedding` embeds them (the offline MiniLM by
-default), `FaissStore` holds them, and LangChain's indexing API (`langchain_core.indexing.index`) keeps the store
-equal to the folder: a chunk whose text and metadata are unchanged is never embedded again, chunks of deleted or
-changed files are removed. Embedding is the slow part (~20 passages/s on a laptop CPU); a file whose bytes did not
-change is not even parsed again.
+The parts: `FolderLoader` (a LangChain `BaseLoader`) reads the files, LangChain's
+`RecursiveCharacterTextSplitter` cuts chunks, any LangChain `Embeddings` or LlamaIndex `BaseEmbedding` embeds
+them (the offline MiniLM by default), `FaissStore` holds them, and LangChain's indexing API
+(`langchain_core.indexing.index`) keeps the store equal to the folder: a chunk whose text and metadata are
+unchanged is never embedded again, chunks of deleted or changed files are removed. Embedding is the slow part
+(~20 passages/s on a laptop CPU); a file whose bytes did not change is not even parsed again.
 
 The index lives under the user cache dir, `<cache_dir>/indexes/<folder name>-<hash of its absolute path>`, not
 inside the document folder: that folder may be read-only or under version control. Pass `index_dir` to choose.
@@ -176,7 +176,9 @@ class FolderIndex:
         return folder_index
 
     @classmethod
-    def load(cls, index_dir: str | Path, embedding: Any = None, folder: str | Path | None = None) -> FolderIndex:
+    def load(
+        cls, index_dir: str | Path, embedding: Any = None, folder: str | Path | None = None
+    ) -> FolderIndex:
         """An index saved by `build`/`update`; `folder` overrides the stored folder (e.g. after moving it).
 
         Without `embedding`, the model recorded in the index is loaded again (the default MiniLM, or a
@@ -184,13 +186,18 @@ class FolderIndex:
         """
         index_dir = Path(index_dir)
         manifest = _read_manifest(index_dir)
-        embedding = as_langchain_embeddings(embedding) if embedding is not None else load_embedding(manifest["embedding"])
+        embedding = (
+            as_langchain_embeddings(embedding)
+            if embedding is not None
+            else load_embedding(manifest["embedding"])
+        )
         name = embedding_name(embedding)
         stored = manifest["dimension"]
-        if stored is not None and embedding_dimension(embedding) != stored:
+        given = embedding_dimension(embedding) if stored is not None else None
+        if given != stored:
             raise IndexMismatchError(
-                f"{index_dir} was built with {manifest['embedding']!r} ({stored} dimensions); the given embedding "
-                f"{name!r} has {embedding_dimension(embedding)}. Rebuild the index with FolderIndex.build."
+                f"{index_dir} was built with {manifest['embedding']!r} ({stored} dimensions); the given "
+                f"embedding {name!r} has {given}. Rebuild the index with FolderIndex.build."
             )
         if name != manifest["embedding"]:
             warnings.warn(
@@ -198,7 +205,11 @@ class FolderIndex:
                 stacklevel=2,
             )
         folder_index = cls(
-            folder or manifest["folder"], embedding, index_dir, manifest["chunk_size"], manifest["chunk_overlap"]
+            folder or manifest["folder"],
+            embedding,
+            index_dir,
+            manifest["chunk_size"],
+            manifest["chunk_overlap"],
         )
         try:
             folder_index.vectorstore = FaissStore.load_local(index_dir, embedding)
@@ -222,7 +233,11 @@ class FolderIndex:
         """
         index_dir = Path(index_dir) if index_dir is not None else default_index_dir(folder)
         embedding = as_langchain_embeddings(embedding) if embedding is not None else default_embedding()
-        settings = {"embedding": embedding_name(embedding), "chunk_size": chunk_size, "chunk_overlap": chunk_overlap}
+        settings = {
+            "embedding": embedding_name(embedding),
+            "chunk_size": chunk_size,
+            "chunk_overlap": chunk_overlap,
+        }
         try:
             manifest = _read_manifest(index_dir)
             if all(manifest[key] == value for key, value in settings.items()):
@@ -236,7 +251,7 @@ class FolderIndex:
     # --------------------------------------------------------------------------------------------- updates
 
     def update(self, save: bool = True) -> UpdateReport:
-        """Re-read the folder: embed new and changed chunks only, drop stale ones; save if there is an index_dir."""
+        """Re-read the folder: embed new and changed chunks only, drop stale ones; save if it has an index_dir."""
         return self._refresh(allow_empty=True, save=save)
 
     def _refresh(self, allow_empty: bool, save: bool) -> UpdateReport:
@@ -256,17 +271,23 @@ class FolderIndex:
                         chunks += stored[source]  # same bytes: the same chunks, known to the indexing API
                         report.unchanged.append(source)
                     else:
-                        chunks += split_documents(loader.load_file(source, raw), self.chunk_size, self.chunk_overlap)
+                        chunks += split_documents(
+                            loader.load_file(source, raw), self.chunk_size, self.chunk_overlap
+                        )
                         (report.changed if source in self._files else report.added).append(source)
                     files[source] = digest
                 except UnreadableFileError as reason:
                     report.skipped.append(SkippedFile(source, str(reason)))
                 except OSError as error:
-                    report.skipped.append(SkippedFile(source, f"could not be read ({error.strerror or error})"))
+                    report.skipped.append(
+                        SkippedFile(source, f"could not be read ({error.strerror or error})")
+                    )
             if report.skipped:
                 warn_skipped(report.skipped, self.folder, stacklevel=4)
             if not allow_empty and not chunks:
-                raise NoDocumentsError(f"No readable documents in {self.folder}; {supported_extensions_message()}.")
+                raise NoDocumentsError(
+                    f"No readable documents in {self.folder}; {supported_extensions_message()}."
+                )
             result = index(
                 chunks,
                 StoreRecordManager(self.vectorstore),
@@ -321,7 +342,9 @@ class FolderIndex:
         hits = self.vectorstore.similarity_search_with_score(query, k, filter=filter)
         return [RetrievedChunk(doc.page_content, score, doc.metadata, doc.id) for doc, score in hits]
 
-    async def asearch(self, query: str, k: int = DEFAULT_K, filter: Filter | None = None) -> list[RetrievedChunk]:
+    async def asearch(
+        self, query: str, k: int = DEFAULT_K, filter: Filter | None = None
+    ) -> list[RetrievedChunk]:
         hits = await self.vectorstore.asimilarity_search_with_score(query, k, filter=filter)
         return [RetrievedChunk(doc.page_content, score, doc.metadata, doc.id) for doc, score in hits]
 
@@ -330,10 +353,9 @@ class FolderIndex:
         return self.vectorstore.as_retriever(**kwargs)
 
     def as_llama_index(self):
-        """The chunks as a LlamaIndex `VectorStoreIndex` over `FaissVectorStore` (same vectors, no re-embedding).
-
-        Rebuilt only when the folder index changed since the last call; `.as_retriever()`, `.as_query_engine(llm=
-        ...)` and `storage_context.persist()` work as for any VectorStoreIndex.
+        """The chunks as a LlamaIndex `VectorStoreIndex` over `FaissVectorStore` (same vectors, not embedded
+        again). Rebuilt only when the folder index changed since the last call; `.as_retriever()`,
+        `.as_query_engine(llm=...)` and `storage_context.persist()` work as for any VectorStoreIndex.
         """
         from hsd_rag.retrieval.llama_index_retriever import vector_store_index
 

@@ -22,7 +22,8 @@ from pydantic import ConfigDict, Field
 
 
 class FolderRetriever(BaseRetriever):
-    """Top-`k` chunks of a document folder; each Document's metadata has source, chunk_index, start_index, score."""
+    """Top-`k` chunks of a document folder; each Document's metadata has source, chunk_index, start_index and
+    score (and page for a PDF)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -50,4 +51,6 @@ class FolderRetriever(BaseRetriever):
 
     @staticmethod
     def _document(chunk: RetrievedChunk) -> Document:
-        return Document(page_content=chunk.text, metadata={**chunk.metadata, "score": chunk.score}, id=chunk.id)
+        return Document(
+            page_content=chunk.text, metadata={**chunk.metadata, "score": chunk.score}, id=chunk.id
+        )

@@ -1,7 +1,6 @@
-"""A FolderIndex for LlamaIndex: a retriever, a query engine for any LlamaIndex LLM, and a `VectorStoreIndex` view.
-
-Only `source` (and `page` for a PDF) is shown to the LLM with each chunk: the offsets are for citations, not for
-the prompt.
+"""A FolderIndex for LlamaIndex: a retriever, a query engine for any LlamaIndex LLM, and a `VectorStoreIndex`
+view. Only `source` (and `page` for a PDF) is shown to the LLM with each chunk: the offsets are for citations,
+not for the prompt.
 """
 
 from __future__ import annotations
@@ -77,7 +76,9 @@ def llama_index_embedding(embedding: Embeddings) -> BaseEmbedding:
     return LangChainEmbedding(embedding)
 
 
-def chunk_node(text: str, metadata: dict, chunk_id: str | None, embedding: list[float] | None = None) -> TextNode:
+def chunk_node(
+    text: str, metadata: dict, chunk_id: str | None, embedding: list[float] | None = None
+) -> TextNode:
     """A chunk as a TextNode: id `source#chunk_index` (readable in citations), offsets hidden from the LLM."""
     node_id = (
         f"{metadata['source']}#{metadata['chunk_index']}"
@@ -105,9 +106,16 @@ def vector_store_index(store: FaissStore) -> VectorStoreIndex:
     faiss = require("faiss", "faiss-cpu", "FolderIndex.as_llama_index")
     documents, vectors = store.snapshot()
     dimension = store.dimension or embedding_dimension(store.embedding)
-    nodes = [chunk_node(d.page_content, d.metadata, d.id, v.tolist()) for d, v in zip(documents, vectors, strict=True)]
-    storage = StorageContext.from_defaults(vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatIP(dimension)))
-    return VectorStoreIndex(nodes, storage_context=storage, embed_model=llama_index_embedding(store.embedding))
+    nodes = [
+        chunk_node(d.page_content, d.metadata, d.id, v.tolist())
+        for d, v in zip(documents, vectors, strict=True)
+    ]
+    storage = StorageContext.from_defaults(
+        vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatIP(dimension))
+    )
+    return VectorStoreIndex(
+        nodes, storage_context=storage, embed_model=llama_index_embedding(store.embedding)
+    )
 
 
 class FolderNodeRetriever(BaseRetriever):

@@ -1,9 +1,9 @@
 """`FolderLoader`: a document folder as LangChain Documents, DirectoryLoader-style, never crashing on a file.
 
 Supported: .txt, .md, .html/.htm (tags stripped with the stdlib parser, script/style dropped), and .pdf when
-`pypdf` is installed, one Document per page with `page` (0-based, as LangChain's `PyPDFLoader` numbers them) and
-`total_pages` in its metadata. Every Document's `source` is its path relative to the folder, "/"-separated, so an
-index stays valid when the folder moves. Every other or unreadable file is skipped, listed in `skipped` and
+`pypdf` is installed, one Document per page with `page` (0-based, as LangChain's `PyPDFLoader` numbers them)
+and `total_pages` in its metadata. Every Document's `source` is its path relative to the folder,
+"/"-separated, so an index stays valid when the folder moves. Every other or unreadable file is skipped, listed in `skipped` and
 announced by one `SkippedFileWarning` per load. Hidden files and folders (".git", ".DS_Store") are ignored.
 
 It is a plain `BaseLoader`: `FolderLoader(folder).load()` feeds any LangChain vector store, splitter or the
@@ -150,7 +150,9 @@ def read_document(source: str, raw: bytes) -> list[Document]:
     if suffix in PDF_EXTENSIONS:
         pages = _pdf_pages(raw)
         documents = [
-            Document(page_content=text, metadata={"source": source, "page": number, "total_pages": len(pages)})
+            Document(
+                page_content=text, metadata={"source": source, "page": number, "total_pages": len(pages)}
+            )
             for number, text in enumerate(pages)
             if text.strip()
         ]
@@ -175,7 +177,9 @@ def warn_skipped(skipped: list[SkippedFile], folder: Path, stacklevel: int = 3) 
     listed = "; ".join(str(s) for s in skipped[:MAX_LISTED_SKIPS])
     more = f"; and {len(skipped) - MAX_LISTED_SKIPS} more" if len(skipped) > MAX_LISTED_SKIPS else ""
     warnings.warn(
-        f"Skipped {len(skipped)} file(s) in {folder}: {listed}{more}", SkippedFileWarning, stacklevel=stacklevel
+        f"Skipped {len(skipped)} file(s) in {folder}: {listed}{more}",
+        SkippedFileWarning,
+        stacklevel=stacklevel,
     )
 
 

@@ -88,7 +88,9 @@ class FaissStore(VectorStore):
 
     def __init__(self, embedding: Embeddings):
         self.embedding = embedding
-        self._index = None  # faiss.IndexFlatIP, made when the first vectors arrive (their length is unknown before)
+        self._index = (
+            None  # faiss.IndexFlatIP, made when the first vectors arrive (their length is unknown before)
+        )
         self._ids: list[str] = []  # row -> id
         self._rows: dict[str, int] = {}  # id -> row
         self._documents: list[Document] = []  # row -> document (its id set)
@@ -115,7 +117,9 @@ class FaissStore(VectorStore):
         store.add_texts(texts, metadatas, ids=ids)
         return store
 
-    def add_documents(self, documents: list[Document], ids: list[str] | None = None, **kwargs: Any) -> list[str]:
+    def add_documents(
+        self, documents: list[Document], ids: list[str] | None = None, **kwargs: Any
+    ) -> list[str]:
         """Embed and add `documents`; an id already in the store replaces that document (upsert)."""
         ids = self._resolve_ids(documents, ids)
         vectors = self.embedding.embed_documents([d.page_content for d in documents]) if documents else []
@@ -125,7 +129,9 @@ class FaissStore(VectorStore):
         self, documents: list[Document], ids: list[str] | None = None, **kwargs: Any
     ) -> list[str]:
         ids = self._resolve_ids(documents, ids)
-        vectors = await self.embedding.aembed_documents([d.page_content for d in documents]) if documents else []
+        vectors = (
+            await self.embedding.aembed_documents([d.page_content for d in documents]) if documents else []
+        )
         return self._add(documents, ids, vectors)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
@@ -152,7 +158,9 @@ class FaissStore(VectorStore):
         """The `k` documents closest to `query`, best first, each with its cosine similarity."""
         if not len(self):
             return []  # nothing to compare with: do not embed
-        return self.similarity_search_with_score_by_vector(self.embedding.embed_query(query), k, filter=filter)
+        return self.similarity_search_with_score_by_vector(
+            self.embedding.embed_query(query), k, filter=filter
+        )
 
     async def asimilarity_search_with_score(
         self, query: str, k: int = DEFAULT_K, filter: Filter | None = None, **kwargs: Any
@@ -274,13 +282,17 @@ class FaissStore(VectorStore):
                 "format": STORE_FORMAT,
                 "dimension": self.dimension,
                 "ids": self._ids,
-                "documents": [{"page_content": d.page_content, "metadata": d.metadata} for d in self._documents],
+                "documents": [
+                    {"page_content": d.page_content, "metadata": d.metadata} for d in self._documents
+                ],
             }
             try:
                 text = json.dumps(payload, ensure_ascii=False)
             except TypeError as error:
                 raise TypeError(f"FaissStore.save_local needs JSON-serialisable metadata: {error}") from error
-            vectors = _faiss().serialize_index(self._index) if self._index is not None else np.zeros(0, np.uint8)
+            vectors = (
+                _faiss().serialize_index(self._index) if self._index is not None else np.zeros(0, np.uint8)
+            )
             _write_atomic(folder / VECTORS_FILE, vectors.tobytes())
             _write_atomic(folder / DOCUMENTS_FILE, text.encode("utf-8"))
         return folder
@@ -290,7 +302,9 @@ class FaissStore(VectorStore):
         """A store written by `save_local`. Nothing is unpickled, so no `allow_dangerous_deserialization`."""
         folder = Path(folder_path)
         if not (folder / DOCUMENTS_FILE).exists() or not (folder / VECTORS_FILE).exists():
-            raise FileNotFoundError(f"No saved FaissStore in {folder} (expected {DOCUMENTS_FILE} and {VECTORS_FILE})")
+            raise FileNotFoundError(
+                f"No saved FaissStore in {folder} (expected {DOCUMENTS_FILE} and {VECTORS_FILE})"
+            )
         try:
             payload = json.loads((folder / DOCUMENTS_FILE).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -363,7 +377,9 @@ class FaissStore(VectorStore):
         self._rows = {i: row for row, i in enumerate(self._ids)}
         self.version += 1
 
-    def _search(self, embedding: Sequence[float], k: int, filter: Filter | None) -> tuple[list[float], list[int]]:
+    def _search(
+        self, embedding: Sequence[float], k: int, filter: Filter | None
+    ) -> tuple[list[float], list[int]]:
         """(cosine similarities, rows) of the best `k` rows passing `filter`, best first."""
         if self._index is None or not self._ids:
             return [], []
