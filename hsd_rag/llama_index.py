@@ -17,9 +17,9 @@ Stats: `response.raw` is an OpenAI-shaped dict, {"model", "usage": {"prompt_toke
 "total_tokens"}, "finish_reason", "hsd_rag_stats": every GenerationStats field}, so LlamaIndex's own
 `TokenCountingHandler` counts exactly the tokens the model read and wrote; `response.additional_kwargs`
 holds finish_reason, tau, steps, accepted_by_source, usage and "hsd_rag_stats" too. When streaming, both
-arrive on the last response. A query engine returns only text: read them from the LLM's chat end event with a LlamaIndex
-instrumentation handler (`LLMChatEndEvent.response.raw`), or from a handler in `Settings.callback_manager` (a
-query engine's synthesizer replaces the LLM's own callback manager with that one).
+arrive on the last response. A query engine returns only text: read them from the LLM's chat end event with a
+LlamaIndex instrumentation handler (`LLMChatEndEvent.response.raw`), or from a handler in
+`Settings.callback_manager` (a query engine's synthesizer replaces the LLM's own callback manager with it).
 
 Tokens: `llm.tokenizer` is the model's own tokenizer as LlamaIndex's tokenizer hook wants it (`str -> ids`):
 `Settings.tokenizer = llm.tokenizer` makes prompt fitting and token counting exact. `timeout=` (a field, or

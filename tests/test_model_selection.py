@@ -123,17 +123,18 @@ def test_langchain_token_counts_are_the_models(chat_decoder):
 
 
 def test_llama_index_tokenizer_hook_is_the_models(chat_decoder):
+    import llama_index.core
     from llama_index.core import Settings
 
     llm = LlamaIndexLLM(decoder=chat_decoder)
     text = "Gustave Eiffel designed the tower."
     assert llm.tokenizer(text) == chat_decoder.tokenizer(text, add_special_tokens=False).input_ids
-    previous = Settings._tokenizer
+    previous = Settings._tokenizer, llama_index.core.global_tokenizer
     try:
         Settings.tokenizer = llm.tokenizer  # LlamaIndex's hook takes it as it is
         assert Settings.tokenizer(text) == llm.tokenizer(text)
     finally:
-        Settings._tokenizer = previous
+        Settings._tokenizer, llama_index.core.global_tokenizer = previous  # both are process-wide
 
 
 # ---- timeout: a per-call generation deadline --------------------------------------------------------------
