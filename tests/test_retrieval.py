@@ -157,11 +157,18 @@ def test_binary_and_undecodable_files_are_skipped_with_a_warning(docs):
     assert len(documents) == len(DOCS)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pypdf") is not None, reason="pypdf is installed here")
-def test_pdf_without_pypdf_names_the_install_command(docs):
-    (docs / "paper.pdf").write_bytes(b"%PDF-1.4\n")
+def test_pdf_without_pypdf_names_the_install_command(docs, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # pypdf is part of the dev extra: pretend it is not installed
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "pypdf" else real_find_spec(name, *args),
+    )
+    (docs / "paper.pdf").write_bytes(pdf_bytes(["Some text."]))
+    loader = FolderLoader(docs)
     with pytest.warns(SkippedFileWarning, match="pip install pypdf"):
-        FolderLoader(docs).load()
+        assert len(loader.load()) == len(DOCS)
+    assert [s.source for s in loader.skipped] == ["paper.pdf"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pypdf") is None, reason="needs pypdf (the pdf extra)")
