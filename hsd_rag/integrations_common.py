@@ -1,4 +1,5 @@
-"""What the LangChain and LlamaIndex adapters share: the default decoder, call kwargs, documents and stats.
+"""What the LangChain and LlamaIndex adapters share: model selection and loading, call kwargs, documents,
+deadlines and stats.
 
 Kept free of both frameworks (documents are read by duck typing) so each adapter imports only its own.
 """
@@ -8,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from hsd_rag.config import DecodeConfig, Method
-from hsd_rag.decoder import HybridSpecDecoder
+from hsd_rag.decoder import GenerationStream, HybridSpecDecoder, TokenPiece
 from hsd_rag.loading import DEFAULT_MODEL_NAME
 from hsd_rag.stats import GenerationResult, GenerationStats
 
@@ -32,14 +35,30 @@ GENERATION_KWARGS: tuple[str, ...] = (
 MAX_TOKENS_ALIAS = "max_tokens"  # the name LangChain's standard params and hosted chat APIs use
 DOCUMENTS_KWARG = "documents"  # per-call extra texts to draft from
 DOCUMENTS_KEY = "hsd_rag_documents"  # the same, carried in a message's additional_kwargs
-# Our stop reasons -> the finish_reason vocabulary chat frameworks already know ("stop" / "length").
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "context_window": "length"}
+TIMEOUT_KWARG = "timeout"  # per-call generation deadline in seconds (a field too)
+TIMEOUT_STOP_REASON = "timeout"  # stop_reason and finish_reason of an answer cut by its deadline
+# Our stop reasons -> the finish_reason vocabulary chat frameworks already know ("stop" / "length");
+# a deadline has no standard name there, so it keeps its own.
+FINISH_REASONS = {
+    "eos": "stop",
+    "stop_string": "stop",
+    "length": "length",
+    "context_window": "length",
+    TIMEOUT_STOP_REASON: TIMEOUT_STOP_REASON,
+}
+HEAD_AUTO = "auto"  # the head shipped for the default model; no head for other models
+HEAD_NONE = "none"  # the CLI's spelling of "no head"
+API_KEY_MESSAGE = (
+    "{adapter} runs a local model, so there is no API key to give: remove `api_key` "
+    "(choose the model with `model=` or `HybridSpecLLM.from_model_id(...)`)."
+)
 INSTALL_HINT = "pip install 'hsd-rag[rag]'"
 
 T = TypeVar("T")
 
 _default_decoder: HybridSpecDecoder | None = None
 _default_lock = threading.Lock()
+_decoders: dict[tuple, HybridSpecDecoder] = {}  # models chosen by name, one load per process and settings
 
 
 def config_default(name: str) -> Any:
@@ -65,6 +84,60 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, description="Seed for sampling; None uses torch's global generator.")
 
 
+class ModelFields(BaseModel):
+    """How an adapter chooses its model, as `HuggingFacePipeline.from_model_id` does; loaded on first use."""
+
+    model_config = ConfigDict(protected_namespaces=())  # `model_kwargs` is the anchors' name for it
+
+    model: str | None = Field(
+        default=None,
+        description='A hub id ("org/name"), a local model directory or a .gguf file; None = the embedded '
+        "default SmolLM2-135M-Instruct. Loaded on first use through HybridSpecDecoder.from_pretrained and "
+        "shared by every adapter in the process that asks for the same settings.",
+    )
+    head: str | None = Field(
+        default=HEAD_AUTO,
+        description='EAGLE head: "auto" = the head shipped for the default model (none for other models), '
+        'None or "none" = no head, else an EAGLE-3 / EAGLE-1/2 checkpoint directory or hub id.',
+    )
+    device: str | None = Field(
+        default=None, description='"cuda", "cpu", "mps", ...; None = CUDA when available.'
+    )
+    dtype: str | None = Field(
+        default=None,
+        description='"float32", "bfloat16", ...; None / "auto" = float32 on CPU, bfloat16 on CUDA.',
+    )
+    model_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Extra keyword arguments for transformers' from_pretrained (revision, ...)."
+    )
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Generation deadline per call, in seconds: once it passes, the answer stops after the "
+        'current token and comes back as generated so far, with finish_reason "timeout". Checked between '
+        "tokens, so waiting for the model and the first forward are not cut short. None = no deadline.",
+    )
+
+
+def looks_local(model: str) -> bool:
+    """A path rather than a hub id: absolute, starting with . or ~, a .gguf file, or anything that exists."""
+    return (
+        Path(model).expanduser().is_absolute()
+        or model.startswith((".", "~"))
+        or model.endswith(".gguf")
+        or Path(model).expanduser().exists()
+    )
+
+
+def check_model_source(model: str | None, adapter: str) -> None:
+    """Fail at construction, not at the first call, when a local model path does not exist."""
+    if model is not None and looks_local(model) and not Path(model).expanduser().exists():
+        raise ValueError(
+            f"{adapter}: model {model!r} does not exist. Pass a local model directory, a .gguf file, a hub "
+            'id ("org/name"), or leave model unset for the embedded default.'
+        )
+
+
 def default_decoder() -> HybridSpecDecoder:
     """The embedded default model, loaded on first use and shared by every adapter in the process (one copy)."""
     global _default_decoder
@@ -74,13 +147,96 @@ def default_decoder() -> HybridSpecDecoder:
         return _default_decoder
 
 
-def model_name(decoder: HybridSpecDecoder | None) -> str:
-    """A short model name for metadata and traces, without loading the default model to find it."""
+def decoder_for(fields: ModelFields) -> HybridSpecDecoder:
+    """The decoder an adapter's model fields ask for: loaded once per process and settings, then shared."""
+    head = None if fields.head in (None, HEAD_NONE) else fields.head
+    extra = dict(fields.model_kwargs or {})
+    settings = (fields.model, head, fields.device, fields.dtype)
+    if settings == (None, HEAD_AUTO, None, None) and not extra:
+        return default_decoder()
+    key = (*settings, tuple(sorted((k, repr(v)) for k, v in extra.items())))
+    with _default_lock:  # one load at a time: two threads asking for the same model get one copy
+        if key not in _decoders:
+            _decoders[key] = HybridSpecDecoder.from_pretrained(
+                fields.model, head=head, device=fields.device, dtype=fields.dtype, **extra
+            )
+        return _decoders[key]
+
+
+def model_name(decoder: HybridSpecDecoder | None, model: str | None = None) -> str:
+    """A short model name for metadata and traces, without loading the model to find it."""
     if decoder is None:
-        return DEFAULT_MODEL_NAME
+        if model is None:
+            return DEFAULT_MODEL_NAME
+        return Path(model).name if looks_local(model) else model
     name = getattr(decoder.model, "name_or_path", "") or type(decoder.model).__name__
     # a local path (e.g. the cached default model) says less than its folder name; a hub id stays whole
     return Path(name).name if Path(name).is_absolute() else name
+
+
+def call_timeout(kwargs: dict[str, Any], default: float | None, adapter: str) -> float | None:
+    """Pop the per-call `timeout` (seconds) from `kwargs`, else the field's; a bad one raises ValueError."""
+    timeout = kwargs.pop(TIMEOUT_KWARG, default)
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if timeout is not None and (not number or timeout <= 0):
+        raise ValueError(f"{adapter}: timeout must be a positive number of seconds or None, got {timeout!r}.")
+    return timeout
+
+
+class DeadlineStream:
+    """A decoder token stream with a deadline: once `timeout` seconds have passed since the call, it stops
+    after the current token, frees the decoder, and `result` holds what was generated, stop_reason "timeout".
+
+    The decoder has no deadline of its own, so it is enforced here, between tokens. Stats of a cut answer are
+    what the tokens tell (count, target forwards, accepted drafts per source); drafted counts and the time
+    split are only known for a finished generation.
+    """
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # seconds; tests swap in a counting clock
+
+    def __init__(self, stream: GenerationStream, timeout: float | None, prompt_tokens: Callable[[], int]):
+        self._stream = stream
+        self._timeout = timeout
+        self._prompt_tokens = prompt_tokens
+        self._started = self.clock()
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenPiece]:
+        if self._timeout is None:
+            yield from self._stream
+            self.result = self._stream.result
+            return
+        deadline = self._started + self._timeout
+        pieces: list[TokenPiece] = []
+        iterator = iter(self._stream)
+        try:
+            for piece in iterator:
+                pieces.append(piece)
+                yield piece
+                if self.clock() >= deadline:
+                    break
+            else:
+                self.result = self._stream.result
+                return
+        finally:
+            iterator.close()  # ends the decode loop and releases the decoder
+        self.result = self._cut_result(pieces)
+
+    def _cut_result(self, pieces: list[TokenPiece]) -> GenerationResult:
+        accepted: Counter = Counter()
+        for piece in pieces:
+            if piece.source != "target":
+                accepted.update(piece.source.split("+"))
+        stats = GenerationStats(
+            steps=pieces[-1].step + 1 if pieces else 0,
+            new_tokens=len(pieces),
+            prompt_tokens=self._prompt_tokens(),
+            accepted_by_source=accepted,
+            total_s=self.clock() - self._started,
+            stop_reason=TIMEOUT_STOP_REASON,
+        )
+        text = "".join(piece.text for piece in pieces)
+        return GenerationResult(text, [p.token_id for p in pieces], [p.source for p in pieces], stats)
 
 
 def split_call_kwargs(kwargs: Mapping[str, Any], adapter: str) -> tuple[dict[str, Any], Any]:
@@ -119,6 +275,22 @@ def document_texts(documents: Any) -> list[str]:
                 f"documents must be strings, LangChain Documents or LlamaIndex nodes, got {type(document).__name__}"
             )
     return texts
+
+
+def raw_response(result: GenerationResult, name: str) -> dict[str, Any]:
+    """An OpenAI-shaped raw response: what LlamaIndex's `TokenCountingHandler` reads ("usage" with prompt /
+    completion token counts), the finish reason, and every stat of ours under its own key."""
+    stats = result.stats
+    return {
+        "model": name,
+        "usage": {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        },
+        "finish_reason": FINISH_REASONS.get(stats.stop_reason, stats.stop_reason),
+        "hsd_rag_stats": stats.to_dict(),
+    }
 
 
 def usage(stats: GenerationStats) -> dict[str, int]:

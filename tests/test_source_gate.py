@@ -83,14 +83,16 @@ def test_weak_costly_source_is_skipped_and_a_strong_one_kept():
     assert strong.calls == 40 and tree.tokens == [ROOT, 1, 2, 3, 4]
 
 
-def test_costly_source_gets_the_free_trees_entry_floor_and_free_sources_are_never_gated():
+def test_costly_source_gets_the_free_trees_entry_floor_and_a_fixed_budget_asks_everyone():
     ngram = ChainDrafter("ngram", SOURCE_NGRAM, list(range(1, 9)), [0.9 - 0.05 * i for i in range(8)])
     eagle = ChainDrafter("eagle", SOURCE_EAGLE, [20], [0.5], levels=1)
-    AdaptiveFusion().fuse(ctx(4, auto=False), [ngram, eagle])
+    AdaptiveFusion().fuse(ctx(4), [ngram, eagle])
     assert eagle.floors == [0.9 - 0.05 * 3]  # a draft must beat the 4th best n-gram draft to enter
-    ungated = AdaptiveFusion(gated=False)
-    free_profile = DraftContext([5, ROOT], 1, 16, 0.0, None, True)  # no profile: costs unknown, ask everyone
+    weak = ChainDrafter("eagle", SOURCE_EAGLE, [9], [0.01], levels=6)
+    ungated, fixed, unknown = AdaptiveFusion(gated=False), AdaptiveFusion(), AdaptiveFusion()
+    no_profile = DraftContext([5, ROOT], 1, 16, 0.0, None, True)  # costs unknown: ask everyone
     for _ in range(10):
-        ungated.fuse(ctx(16), [ngram, eagle])
-        AdaptiveFusion().fuse(free_profile, [ngram, eagle])
-    assert eagle.calls == 1 + 20
+        ungated.fuse(ctx(16), [ngram, weak])
+        fixed.fuse(ctx(16, auto=False), [ngram, weak])  # the caller chose the tree size: fill it from all
+        unknown.fuse(no_profile, [ngram, weak])
+    assert weak.calls == 30

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
+from langchain_core.embeddings import Embeddings
 
 from examples.web_app import make_server
 from hsd_rag.app import ask
@@ -36,19 +37,20 @@ DOCS = {
 TIMEOUT_S = 60
 
 
-class WordEmbedder:
+class WordEmbedder(Embeddings):
     """Hashed bag of words: retrieval good enough for three tiny files, without loading a sentence model."""
 
-    name = "test-hashed-words"
     dimension = 64
 
-    def embed(self, texts):
+    def embed_documents(self, texts):
         vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
         for row, text in enumerate(texts):
             for word in re.findall(r"\w+", text.lower()):
                 vectors[row, zlib.crc32(word.encode()) % self.dimension] += 1
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.where(norms > 0, norms, 1)
+        return vectors.tolist()
+
+    def embed_query(self, text):
+        return self.embed_documents([text])[0]
 
 
 class OracleDrafter:
@@ -93,7 +95,7 @@ def index(tmp_path_factory):
     folder = tmp_path_factory.mktemp("docs")
     for name, text in DOCS.items():
         (folder / name).write_text(text, encoding="utf-8")
-    return FolderIndex.build(folder, embedder=WordEmbedder(), save=False)
+    return FolderIndex.build(folder, embedding=WordEmbedder(), save=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,12 @@ the draft given its parent (bucket edges PROB_EDGES). A bucket keeps a Beta post
 itself when the head ships none; its counts are this request's accept/reject outcomes. A node's score is the
 product of the estimates along its path, exactly as the n-gram scores are built, so both sources' scores mean
 the same thing. Lookups run on the head's device (bucketize + gather): drafting stays free of host syncs.
+
+A request is short (tens of steps) and spreads its outcomes over many buckets, while the head's worth mostly
+shifts as a whole from one request to the next (the language, how much the answer paraphrases). So every
+bucket's prior mean is also scaled by one per-request factor, observed accepts over the accepts the priors
+predicted for the same decided drafts (shrunk towards 1 by SCALE_STRENGTH pseudo-accepts): a few steps of a
+French request move every EAGLE estimate of an English-trained head down together.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from hsd_rag.heads.acceptance_priors import MAX_DEPTH, PROB_EDGES, AcceptancePri
 
 PRIOR_STRENGTH = 8.0  # pseudo-observations of the prior: a handful of this request's outcomes move it
 SPARSE_BUCKET = 4.0  # a measured prior bucket with fewer verified drafts leans this much on q itself
+SCALE_STRENGTH = 2.0  # pseudo-accepts that keep the per-request scale near 1 until outcomes arrive
+MAX_ESTIMATE = 0.99
 
 
 class EagleCalibrator:
@@ -32,8 +40,8 @@ class EagleCalibrator:
         self.num_prob_buckets = len(PROB_EDGES) + 1
         self._edges = torch.tensor(PROB_EDGES, device=device)
         midpoints = bucket_midpoints()
-        self._prior_accept: list[float] = []
-        self._prior_reject: list[float] = []
+        self.prior_strength = prior_strength
+        self._prior_mean: list[float] = []  # [buckets] prior acceptance of each flat bucket
         for depth_index in range(MAX_DEPTH):
             for bucket, q in enumerate(midpoints):
                 mean = q
@@ -41,13 +49,17 @@ class EagleCalibrator:
                     verified = priors.verified[depth_index][bucket]
                     accepted = priors.accepted[depth_index][bucket]
                     mean = (accepted + SPARSE_BUCKET * q) / (verified + SPARSE_BUCKET)
-                mean = min(max(mean, 1e-3), 1 - 1e-3)
-                self._prior_accept.append(mean * prior_strength)
-                self._prior_reject.append((1 - mean) * prior_strength)
-        size = len(self._prior_accept)
+                self._prior_mean.append(min(max(mean, 1e-3), 1 - 1e-3))
+        size = len(self._prior_mean)
         self.accepted = [0] * size  # this request's outcomes per flat bucket
         self.rejected = [0] * size
+        self._expected = 0.0  # accepts the priors predicted for this request's decided drafts
         self._table: torch.Tensor | None = None  # [buckets] log estimates on `device`, rebuilt after records
+
+    @property
+    def scale(self) -> float:
+        """This request's observed accepts over the priors' prediction for the same drafts (shrunk to 1)."""
+        return (sum(self.accepted) + SCALE_STRENGTH) / (self._expected + SCALE_STRENGTH)
 
     def score(self, depth: int, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log P(accepted | parent accepted), flat bucket id) of drafts at `depth` with head log-probs."""
@@ -57,9 +69,11 @@ class EagleCalibrator:
 
     def _log_table(self) -> torch.Tensor:
         if self._table is None:
+            scale, strength = self.scale, self.prior_strength
             estimates = [
-                (a + self.accepted[i]) / (a + b + self.accepted[i] + self.rejected[i])
-                for i, (a, b) in enumerate(zip(self._prior_accept, self._prior_reject, strict=True))
+                (strength * min(mean * scale, MAX_ESTIMATE) + self.accepted[i])
+                / (strength + self.accepted[i] + self.rejected[i])
+                for i, mean in enumerate(self._prior_mean)
             ]
             self._table = torch.tensor(estimates, device=self.device).log()
         return self._table
@@ -69,6 +83,7 @@ class EagleCalibrator:
             self.accepted[bucket] += 1
         else:
             self.rejected[bucket] += 1
+        self._expected += self._prior_mean[bucket]
         self._table = None
 
     def observed(self) -> AcceptancePriors:

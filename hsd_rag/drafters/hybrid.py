@@ -41,9 +41,11 @@ class FusionPolicy(Protocol):
 class AdaptiveFusion:
     """Union of all sources' trees, then the `budget` nodes with the highest acceptance estimates.
 
-    Sources are asked in order; one that costs time to draft (the device's CostProfile gives it a drafting cost,
-    e.g. an EAGLE head) is asked only while its drafts are expected to pay for that cost (SourceGate), and then
-    with a score floor: levels whose nodes could not displace the free sources' kept nodes are never drafted.
+    Sources are asked in order. Under budget="auto" (trees sized for tokens per second), one that costs time to
+    draft (the device's CostProfile gives it a drafting cost, e.g. an EAGLE head) is asked only while its drafts
+    are expected to pay for that cost (SourceGate), and then with a score floor: levels whose nodes could not
+    displace the free sources' kept nodes are never drafted. A fixed budget asks every source every step: the
+    caller chose the tree size, and it is filled with the best nodes of all of them.
     """
 
     name = "adaptive"
@@ -56,7 +58,8 @@ class AdaptiveFusion:
         trees: list[TokenTree] = []
         profile = context.profile
         for drafter in drafters:
-            if not self.gated or profile is None or profile.draft_cost(drafter.name, 1) == 0:
+            free = profile is None or profile.draft_cost(drafter.name, 1) == 0
+            if not self.gated or not context.auto_budget or free:
                 trees.append(drafter.propose(context))
                 continue
             free_scores = _sorted_scores(trees, context)

@@ -1,47 +1,45 @@
-"""Retrieval over a document folder: loaders, chunking, embedders and a FAISS index.
+"""Retrieval over a document folder, built from LangChain's and LlamaIndex's own parts.
 
-The LangChain and LlamaIndex retrievers live in `hsd_rag.retrieval.langchain_retriever` and
-`hsd_rag.retrieval.llama_index_retriever`; they are not imported here so that this package works without them.
+`FolderIndex` (one call: load, chunk, embed, index, update incrementally), `FolderLoader` (a LangChain
+`BaseLoader`), `FaissStore` (a LangChain `VectorStore`, saved without pickle) and the embedding helpers. The
+LangChain and LlamaIndex retrievers live in `hsd_rag.retrieval.langchain_retriever` and
+`hsd_rag.retrieval.llama_index_retriever`.
+
+Names are imported on first use, so `import hsd_rag.retrieval` works without the optional packages (the `rag`
+extra) and never imports the model loader; using a name without them raises an ImportError with the pip command.
 """
 
-from hsd_rag.retrieval.chunking import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, Chunk, chunk_documents
-from hsd_rag.retrieval.embedder import Embedder, SentenceTransformerEmbedder, default_embedder, load_embedder
-from hsd_rag.retrieval.index import (
-    FolderIndex,
-    IndexMismatchError,
-    RetrievedChunk,
-    UpdateReport,
-    default_index_dir,
-)
-from hsd_rag.retrieval.loaders import (
-    SUPPORTED_EXTENSIONS,
-    LoadedDocument,
-    LoadReport,
-    NoDocumentsError,
-    SkippedFile,
-    SkippedFileWarning,
-    load_folder,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_CHUNK_OVERLAP",
-    "DEFAULT_CHUNK_SIZE",
-    "SUPPORTED_EXTENSIONS",
-    "Chunk",
-    "Embedder",
-    "FolderIndex",
-    "IndexMismatchError",
-    "LoadReport",
-    "LoadedDocument",
-    "NoDocumentsError",
-    "RetrievedChunk",
-    "SentenceTransformerEmbedder",
-    "SkippedFile",
-    "SkippedFileWarning",
-    "UpdateReport",
-    "chunk_documents",
-    "default_embedder",
-    "default_index_dir",
-    "load_embedder",
-    "load_folder",
-]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_CHUNK_OVERLAP": "chunking",
+    "DEFAULT_CHUNK_SIZE": "chunking",
+    "split_documents": "chunking",
+    "LlamaIndexEmbeddings": "embeddings",
+    "as_langchain_embeddings": "embeddings",
+    "default_embedding": "embeddings",
+    "load_embedding": "embeddings",
+    "FolderIndex": "index",
+    "IndexMismatchError": "index",
+    "RetrievedChunk": "index",
+    "UpdateReport": "index",
+    "default_index_dir": "index",
+    "SUPPORTED_EXTENSIONS": "loaders",
+    "FolderLoader": "loaders",
+    "NoDocumentsError": "loaders",
+    "SkippedFile": "loaders",
+    "SkippedFileWarning": "loaders",
+    "UnreadableFileError": "loaders",
+    "FaissStore": "vectorstore",
+    "StoreFileError": "vectorstore",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hsd_rag.retrieval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hsd_rag.retrieval.{_EXPORTS[name]}"), name)

@@ -8,10 +8,12 @@ percentile 3.9) and French 3.25; sizing chunks for 3.2 characters per piece keep
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hsd_rag.retrieval.loaders import LoadedDocument
 from hsd_rag.retrieval.optional import require
+
+if TYPE_CHECKING:
+    from langchain_core.documents import Document
 
 EMBEDDER_MAX_WORD_PIECES = 256
 SPECIAL_TOKENS = 2  # [CLS] and [SEP]
@@ -21,29 +23,23 @@ OVERLAP_FRACTION = 0.125  # a sentence cut at a boundary still appears whole in 
 DEFAULT_CHUNK_OVERLAP = int(DEFAULT_CHUNK_SIZE * OVERLAP_FRACTION)
 
 
-@dataclass(frozen=True)
-class Chunk:
-    text: str
-    metadata: dict  # source (relative path), chunk_index (within the source), start_index (character offset)
-
-
-def chunk_documents(
-    documents: Iterable[LoadedDocument],
+def split_documents(
+    documents: Iterable[Document],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
-) -> list[Chunk]:
-    """Chunks of every document, in document order, with their position in the source."""
+) -> list[Document]:
+    """LangChain Documents -> chunk Documents, in order, each with its document's metadata plus `start_index`
+    (character offset in its document, i.e. in its page for a PDF) and `chunk_index` (0, 1, ... within its
+    `source`, across pages).
+    """
     splitters = require("langchain_text_splitters", "langchain-text-splitters", "Chunking documents")
     splitter = splitters.RecursiveCharacterTextSplitter(
         chunk_size=chunk_size, chunk_overlap=chunk_overlap, add_start_index=True
     )
-    chunks = []
-    for document in documents:
-        for index, piece in enumerate(splitter.create_documents([document.text])):
-            metadata = {
-                "source": document.source,
-                "chunk_index": index,
-                "start_index": piece.metadata["start_index"],
-            }
-            chunks.append(Chunk(piece.page_content, metadata))
+    chunks = splitter.split_documents(list(documents))
+    counts: dict[str, int] = {}
+    for chunk in chunks:
+        source = chunk.metadata.get("source", "")
+        chunk.metadata["chunk_index"] = counts.get(source, 0)
+        counts[source] = chunk.metadata["chunk_index"] + 1
     return chunks

@@ -1,25 +1,35 @@
-"""Read a document folder into plain text, recursively, never crashing on a file it cannot read.
+"""`FolderLoader`: a document folder as LangChain Documents, DirectoryLoader-style, never crashing on a file.
 
 Supported: .txt, .md, .html/.htm (tags stripped with the stdlib parser, script/style dropped), and .pdf when
-`pypdf` is installed. Every other or unreadable file is skipped, listed in the report and announced by one
-`SkippedFileWarning` per load. Hidden files and folders (".git", the index folder, ".DS_Store") are ignored.
+`pypdf` is installed, one Document per page with `page` (0-based, as LangChain's `PyPDFLoader` numbers them)
+and `total_pages` in its metadata. Every Document's `source` is its path relative to the folder,
+"/"-separated, so an index stays valid when the folder moves. Every other or unreadable file is skipped, listed in `skipped` and
+announced by one `SkippedFileWarning` per load. Hidden files and folders (".git", ".DS_Store") are ignored.
 
-Callers that already hold a file's content hash pass it in `known`: an unchanged file is then not parsed again,
-which is what keeps incremental index updates cheap.
+It is a plain `BaseLoader`: `FolderLoader(folder).load()` feeds any LangChain vector store, splitter or the
+indexing API. `FolderIndex` also calls `files()` and `load_file()` itself, so that files whose bytes did not
+change since the last update are not parsed again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import os
 import re
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+
+from hsd_rag.retrieval.optional import missing_message
+
+try:
+    from langchain_core.document_loaders import BaseLoader
+    from langchain_core.documents import Document
+except ImportError as error:
+    raise ImportError(missing_message("langchain-core", "FolderLoader")) from error
 
 TEXT_EXTENSIONS = frozenset({".txt", ".md"})
 HTML_EXTENSIONS = frozenset({".html", ".htm"})
@@ -31,18 +41,15 @@ MAX_LISTED_SKIPS = 10  # the warning names this many skipped files, then counts 
 
 
 class SkippedFileWarning(UserWarning):
-    """Some files of a document folder were not loaded; `LoadReport.skipped` says which and why."""
+    """Some files of a document folder were not loaded; the loader's `skipped` says which and why."""
 
 
 class NoDocumentsError(ValueError):
     """A document folder has nothing that could be loaded."""
 
 
-@dataclass(frozen=True)
-class LoadedDocument:
-    source: str  # path relative to the folder, "/"-separated: stable when the folder moves
-    text: str
-    sha256: str  # of the file's bytes
+class UnreadableFileError(ValueError):
+    """A file cannot be turned into text; the message is the reason (binary, not UTF-8, no text ...)."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +57,8 @@ class SkippedFile:
     source: str
     reason: str
 
-
-@dataclass
-class LoadReport:
-    documents: list[LoadedDocument] = field(default_factory=list)  # new or changed files, parsed
-    unchanged: list[str] = field(default_factory=list)  # sources whose hash matched `known`, not parsed
-    skipped: list[SkippedFile] = field(default_factory=list)
-
-
-class _Unreadable(Exception):
-    """Internal: carries the reason a file is skipped."""
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
 
 
 class _HtmlText(HTMLParser):
@@ -127,55 +126,46 @@ def html_to_text(html: str) -> str:
 
 def _decode(raw: bytes) -> str:
     if b"\x00" in raw[:BINARY_SNIFF_BYTES]:
-        raise _Unreadable("binary content")
+        raise UnreadableFileError("binary content")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise _Unreadable(f"not UTF-8 text ({error.reason} at byte {error.start})") from error
+        raise UnreadableFileError(f"not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
-def _pdf_text(raw: bytes) -> str:
+def _pdf_pages(raw: bytes) -> list[str]:
     if importlib.util.find_spec("pypdf") is None:
-        raise _Unreadable(f"PDF support needs `{PDF_INSTALL_HINT}`")
+        raise UnreadableFileError(f"PDF support needs `{PDF_INSTALL_HINT}`")
     import pypdf
 
     try:
-        reader = pypdf.PdfReader(io.BytesIO(raw))
-        return "\n\n".join(page.extract_text() or "" for page in reader.pages)
+        return [page.extract_text() or "" for page in pypdf.PdfReader(io.BytesIO(raw)).pages]
     except Exception as error:  # pypdf raises many types on malformed or encrypted files
-        raise _Unreadable(f"PDF could not be read ({type(error).__name__}: {error})") from error
+        raise UnreadableFileError(f"PDF could not be read ({type(error).__name__}: {error})") from error
 
 
-def extract_text(suffix: str, raw: bytes) -> str:
-    """Plain text of a file's bytes given its extension; raises `_Unreadable` with the reason."""
+def read_document(source: str, raw: bytes) -> list[Document]:
+    """The Documents of one file's bytes (one per PDF page that has text); raises `UnreadableFileError`."""
+    suffix = Path(source).suffix.lower()
     if suffix in PDF_EXTENSIONS:
-        text = _pdf_text(raw)
+        pages = _pdf_pages(raw)
+        documents = [
+            Document(
+                page_content=text, metadata={"source": source, "page": number, "total_pages": len(pages)}
+            )
+            for number, text in enumerate(pages)
+            if text.strip()
+        ]
     elif suffix in HTML_EXTENSIONS:
-        text = html_to_text(_decode(raw))
+        documents = [Document(page_content=html_to_text(_decode(raw)), metadata={"source": source})]
     elif suffix in TEXT_EXTENSIONS:
-        text = _decode(raw)
+        documents = [Document(page_content=_decode(raw), metadata={"source": source})]
     else:
-        raise _Unreadable(f"unsupported extension {suffix or '(none)'}")
-    if not text.strip():
-        raise _Unreadable("no text")
-    return text
-
-
-def _files(folder: Path) -> list[Path]:
-    """All non-hidden files under `folder`, sorted so that loads are reproducible; symlinked folders not followed."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / name for name in sorted(files) if not name.startswith(".")]
-    return found
-
-
-def _warn(skipped: list[SkippedFile], folder: Path) -> None:
-    listed = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:MAX_LISTED_SKIPS])
-    more = f"; and {len(skipped) - MAX_LISTED_SKIPS} more" if len(skipped) > MAX_LISTED_SKIPS else ""
-    warnings.warn(
-        f"Skipped {len(skipped)} file(s) in {folder}: {listed}{more}", SkippedFileWarning, stacklevel=3
-    )
+        raise UnreadableFileError(f"unsupported extension {suffix or '(none)'}")
+    documents = [d for d in documents if d.page_content.strip()]
+    if not documents:
+        raise UnreadableFileError("no text")
+    return documents
 
 
 def supported_extensions_message() -> str:
@@ -183,39 +173,58 @@ def supported_extensions_message() -> str:
     return f"supported extensions: {', '.join(sorted(SUPPORTED_EXTENSIONS))}{pdf}"
 
 
-def load_folder(
-    folder: str | Path, known: Mapping[str, str] | None = None, allow_empty: bool = False
-) -> LoadReport:
-    """Load every supported file under `folder`; files whose hash equals `known[source]` are only listed.
+def warn_skipped(skipped: list[SkippedFile], folder: Path, stacklevel: int = 3) -> None:
+    listed = "; ".join(str(s) for s in skipped[:MAX_LISTED_SKIPS])
+    more = f"; and {len(skipped) - MAX_LISTED_SKIPS} more" if len(skipped) > MAX_LISTED_SKIPS else ""
+    warnings.warn(
+        f"Skipped {len(skipped)} file(s) in {folder}: {listed}{more}",
+        SkippedFileWarning,
+        stacklevel=stacklevel,
+    )
 
-    Raises FileNotFoundError / NotADirectoryError for a bad path and, unless `allow_empty`, `NoDocumentsError`
-    when nothing could be loaded.
-    """
-    folder = Path(folder).expanduser()
-    if not folder.exists():
-        raise FileNotFoundError(f"Document folder not found: {folder}")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"Expected a folder of documents, got a file: {folder}")
-    known = known or {}
-    report = LoadReport()
-    for path in _files(folder):
-        source = path.relative_to(folder).as_posix()
-        suffix = path.suffix.lower()
-        try:
-            if suffix not in SUPPORTED_EXTENSIONS:
-                raise _Unreadable(f"unsupported extension {suffix or '(none)'}")
-            raw = path.read_bytes()
-            digest = hashlib.sha256(raw).hexdigest()
-            if known.get(source) == digest:
-                report.unchanged.append(source)
+
+class FolderLoader(BaseLoader):
+    """Every supported file under `folder`, recursively and in sorted order, as Documents."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        self.skipped: list[SkippedFile] = []  # files the latest load could not read, with the reason
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(source, path) of every non-hidden file; symlinked folders are not followed.
+
+        Raises FileNotFoundError / NotADirectoryError for a bad folder path.
+        """
+        if not self.folder.exists():
+            raise FileNotFoundError(f"Document folder not found: {self.folder}")
+        if not self.folder.is_dir():
+            raise NotADirectoryError(f"Expected a folder of documents, got a file: {self.folder}")
+        found = []
+        for root, dirs, names in os.walk(self.folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if not name.startswith("."):
+                    path = Path(root) / name
+                    found.append((path.relative_to(self.folder).as_posix(), path))
+        return found
+
+    def load_file(self, source: str, raw: bytes) -> list[Document]:
+        """Documents of one file given its bytes (see `read_document`)."""
+        return read_document(source, raw)
+
+    def lazy_load(self) -> Iterator[Document]:
+        self.skipped = []
+        for source, path in self.files():
+            try:
+                if path.suffix.lower() not in SUPPORTED_EXTENSIONS:  # not even read
+                    raise UnreadableFileError(f"unsupported extension {path.suffix.lower() or '(none)'}")
+                documents = self.load_file(source, path.read_bytes())
+            except UnreadableFileError as reason:
+                self.skipped.append(SkippedFile(source, str(reason)))
                 continue
-            report.documents.append(LoadedDocument(source, extract_text(suffix, raw), digest))
-        except _Unreadable as reason:
-            report.skipped.append(SkippedFile(source, str(reason)))
-        except OSError as error:
-            report.skipped.append(SkippedFile(source, f"could not be read ({error.strerror or error})"))
-    if report.skipped:
-        _warn(report.skipped, folder)
-    if not allow_empty and not report.documents and not report.unchanged:
-        raise NoDocumentsError(f"No readable documents in {folder}; {supported_extensions_message()}.")
-    return report
+            except OSError as error:
+                self.skipped.append(SkippedFile(source, f"could not be read ({error.strerror or error})"))
+                continue
+            yield from documents
+        if self.skipped:
+            warn_skipped(self.skipped, self.folder)
