@@ -17,7 +17,7 @@ import torch
 
 from hsd_rag.budget import CostProfile
 from hsd_rag.drafters.base import DraftContext
-from hsd_rag.loading import cache_dir
+from hsd_rag.paths import cache_dir
 from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 from hsd_rag.verify import forward_tree, prefill
 

@@ -167,7 +167,7 @@ def hub_lines(path: str) -> Iterator[str]:
 
 
 def _cache_folder() -> Path:
-    from hsd_rag.loading import cache_dir  # imported here: hsd_rag.loading imports torch
+    from hsd_rag.paths import cache_dir
 
     return cache_dir() / CACHE_SUBDIR
 

@@ -53,7 +53,7 @@ _MEMORY: dict[str, tuple[int, list[dict]]] = {}  # cache file -> (depth, ranked 
 
 
 def _cache_path(lang: str) -> Path:
-    from hsd_rag.loading import cache_dir  # imported here: hsd_rag.loading imports torch
+    from hsd_rag.paths import cache_dir
 
     return cache_dir() / CACHE_SUBDIR / f"builtin-{lang}.json"
 

@@ -228,7 +228,7 @@ def target_name(model) -> str:
 
 
 def default_cache_path(model) -> Path:
-    from hsd_rag.loading import cache_dir
+    from hsd_rag.paths import cache_dir
 
     return cache_dir() / CACHE_SUBDIR / f"{target_name(model)}-answers.jsonl"
 
