@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field
 
 from hsd_rag.config import DecodeConfig, Method
-from hsd_rag.decoder import HybridSpecDecoder
+from hsd_rag.decoder import GenerationStream, HybridSpecDecoder
 from hsd_rag.loading import DEFAULT_MODEL_NAME
 from hsd_rag.stats import GenerationResult, GenerationStats
 
@@ -189,5 +189,27 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIt
                 break
             yield item
         await worker
+    finally:
+        cancelled.set()
+
+
+async def generate_in_thread(start: Callable[[], GenerationStream]) -> GenerationResult | None:
+    """Run a whole generation in one worker thread, for `ainvoke`-style calls.
+
+    Cancelling the awaiting task stops the generation within one step (the worker checks between tokens and
+    closes the stream), instead of leaving `asyncio.to_thread` to compute every remaining token.
+    """
+    loop = asyncio.get_running_loop()
+    cancelled = threading.Event()
+
+    def work() -> GenerationResult | None:
+        with start() as stream:
+            for _ in stream:
+                if cancelled.is_set():
+                    return None
+        return stream.result
+
+    try:
+        return await loop.run_in_executor(None, contextvars.copy_context().run, work)
     finally:
         cancelled.set()
