@@ -14,7 +14,6 @@ import torch
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.heads import Eagle3Head
-from hsd_rag.model_gate import ReentrantGateError, gate_for
 from tests.tiny_models import IdTokenizer, smollm2_chat_decoder, tiny_model
 
 PROMPT = [0, 21, 22, 23, 24, 25]
@@ -148,6 +147,8 @@ def test_inference_mode_never_leaks_into_the_consumer(dec):
 
 
 def test_a_generation_inside_a_step_fails_loudly_instead_of_deadlocking(dec):
+    from hsd_rag.model_gate import ReentrantGateError
+
     class Reentrant:
         name = "reentrant"
 
@@ -175,7 +176,9 @@ def test_a_generation_inside_a_step_fails_loudly_instead_of_deadlocking(dec):
 def test_two_decoders_on_one_model_from_four_threads():
     """EAGLE hooks on one shared model, two decoders (e.g. a LangChain and a LlamaIndex adapter) and four
     threads whose steps interleave: every output equals its solo run."""
-    target = tiny_model("llama", seed=9, layers=8)
+    from hsd_rag.model_gate import gate_for
+
+    target = tiny_model("llama", seed=9, layers=4)
     torch.manual_seed(0)
     head = Eagle3Head.from_target(target)
     first = HybridSpecDecoder(target, IdTokenizer(), head=head)
@@ -187,17 +190,17 @@ def test_two_decoders_on_one_model_from_four_threads():
         document = " ".join(str(40 + (i * 7 + k) % 50) for k in range(30))
         method = ["eagle", "hybrid", "ngram", "hybrid-fixed"][i % 4]
         requests.append(((first, second)[i % 2], prompt, [document], method, i % 3 == 0))
-    solo = [dec.generate(p, documents=d, method=m, budget=8, max_new_tokens=20).token_ids for dec, p, d, m, _ in requests]
+    solo = [dec.generate(p, documents=d, method=m, budget=8, max_new_tokens=16).token_ids for dec, p, d, m, _ in requests]
 
     def run(dec, prompt, documents, method, streamed):
         if streamed:  # a slow consumer: other requests' steps run between its pieces
-            stream = dec.stream_tokens(prompt, documents=documents, method=method, budget=8, max_new_tokens=20)
+            stream = dec.stream_tokens(prompt, documents=documents, method=method, budget=8, max_new_tokens=16)
             ids = []
             for piece in stream:
                 ids.append(piece.token_id)
                 time.sleep(0.001)
             return stream.result.token_ids
-        return dec.generate(prompt, documents=documents, method=method, budget=8, max_new_tokens=20).token_ids
+        return dec.generate(prompt, documents=documents, method=method, budget=8, max_new_tokens=16).token_ids
 
     results: list = [None] * len(requests)
     barrier = threading.Barrier(4)

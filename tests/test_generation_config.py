@@ -14,7 +14,6 @@ from scipy.stats import chisquare
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.heads import Eagle3Head
-from hsd_rag.repetition_penalty import RepetitionPenalty
 from hsd_rag.sampling import logits_to_probs
 from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 from tests.fake_drafters import RandomTreeDrafter
@@ -159,6 +158,8 @@ def test_min_p_matches_transformers():
 
 def test_repetition_penalty_rows_follow_each_nodes_path():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from hsd_rag.repetition_penalty import RepetitionPenalty
 
     history = [5, 9, 2, 7]  # prompt + decided tokens; 7 is the root
     tree = TokenTree.root(7)

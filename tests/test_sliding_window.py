@@ -11,13 +11,13 @@ import torch
 from scipy.stats import chisquare
 
 from hsd_rag import HybridSpecDecoder
-from hsd_rag.attention_layout import FULL, SLIDING, AttentionLayout, UnsupportedAttentionError
 from hsd_rag.heads import Eagle3Head
 from tests.fake_drafters import RandomTreeDrafter
 from tests.tiny_models import IdTokenizer
 from tests.tiny_sliding_models import SLIDING_ARCHS, sliding_model
 
 WINDOW = 6
+FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer type names
 PROMPT = [0, 30, 31, 32, 33, 34, 35, 36, 37, 38]  # 10 tokens: longer than the window already
 MAX_NEW = 40
 METHODS = ["vanilla", "ngram", "eagle", "hybrid", "hybrid-fixed"]
@@ -73,6 +73,8 @@ def test_random_trees_deeper_than_the_window(decoder, expected, seed):
 
 def test_sliding_layers_keep_only_the_window(decoder, expected):
     """The cache of a sliding layer never grows past window - 1 rows between steps (HF's own cache size)."""
+    from hsd_rag.attention_layout import AttentionLayout
+
     sizes: dict[str, int] = {}
 
     class Recording(AttentionLayout):
@@ -92,6 +94,8 @@ def test_sliding_layers_keep_only_the_window(decoder, expected):
 
 def test_unsupported_attention_kinds_are_refused():
     from transformers import LlamaConfig
+
+    from hsd_rag.attention_layout import AttentionLayout, UnsupportedAttentionError
 
     config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
     config.layer_types = ["full_attention", "linear_attention"]
