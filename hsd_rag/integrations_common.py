@@ -22,9 +22,12 @@ from hsd_rag.stats import GenerationResult, GenerationStats
 # Generation settings an adapter exposes as fields and accepts per call (the DecodeConfig names).
 GENERATION_KWARGS: tuple[str, ...] = (
     "max_new_tokens",
+    "do_sample",
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
+    "repetition_penalty",
     "method",
     "budget",
     "seed",
@@ -48,13 +51,23 @@ def config_default(name: str) -> Any:
 
 
 class SamplingFields(BaseModel):
-    """Generation settings both adapters expose as fields (defaults read from DecodeConfig, so they never drift)."""
+    """Generation settings both adapters expose as fields (defaults read from DecodeConfig, so they never drift).
 
-    temperature: float = Field(
+    None = as HF `generate` would: the model's generation_config, else HF's defaults (hsd_rag.generation_defaults).
+    """
+
+    do_sample: bool | None = Field(default=None, description="Sample or not; None: temperature / generation_config.")
+    temperature: float | None = Field(
         default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
     )
-    top_p: float = Field(default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off.")
+    top_p: float | None = Field(default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off.")
+    min_p: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability."
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, description="HF's repetition penalty over prompt + output (1.0 = off)."
+    )
     method: Method | None = Field(
         default=None,
         description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
