@@ -171,14 +171,19 @@ class HybridSpecDecoder:
     # ---- public API --------------------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, documents: Sequence[str] | None = None, **kwargs) -> GenerationResult:
-        """Generate an answer. `prompt`: chat messages, text, or token ids; `documents`: texts to draft from."""
+        """Generate an answer. `prompt`: chat messages, text, or token ids ([T] or [1, T]); `documents`: texts to
+        draft from. Keyword arguments are DecodeConfig's; sampling settings left unset come from the model's
+        generation_config exactly as in `model.generate` (see the class docstring)."""
         stream = self.stream_tokens(prompt, documents, **kwargs)
         for _ in stream:
             pass
         return stream.result
 
     def stream(self, prompt: Prompt, documents: Sequence[str] | None = None, **kwargs) -> GenerationStream:
-        """Like `generate`, yielding text pieces (one per target forward) as they are decided."""
+        """Like `generate`, yielding text pieces (one per target forward) as they are decided.
+
+        Nothing is held between pieces: a paused or abandoned stream blocks no other request, and `break`,
+        `close()` or leaving `with dec.stream(...) as s:` ends the generation and frees its cache at once."""
         return self._stream(prompt, documents, kwargs, per_token=False)
 
     def stream_tokens(self, prompt: Prompt, documents: Sequence[str] | None = None, **kwargs) -> GenerationStream:
