@@ -71,6 +71,17 @@ def test_random_trees_deeper_than_the_window(decoder, expected, seed):
     assert res.token_ids == expected
 
 
+@pytest.mark.parametrize("method", ["vanilla", "ngram"])
+def test_gemma3_local_global_pattern(method):
+    model = sliding_model("gemma3", WINDOW, seed=2)
+    expected = hf_greedy(model, PROMPT, MAX_NEW)
+    dec = HybridSpecDecoder(model, IdTokenizer())
+    if method == "ngram":  # random trees deeper than the window, with the true path planted
+        dec.drafter_factories = {"ngram": lambda d, cfg: RandomTreeDrafter(96, seed=5, oracle=PROMPT + expected,
+                                                                           depth=2 * WINDOW)}
+    assert dec.generate(PROMPT, method=method, budget=24, max_new_tokens=MAX_NEW).token_ids == expected
+
+
 def test_sliding_layers_keep_only_the_window(decoder, expected):
     """The cache of a sliding layer never grows past window - 1 rows between steps (HF's own cache size)."""
     from hsd_rag.attention_layout import AttentionLayout
