@@ -11,18 +11,31 @@ METHODS: tuple[str, ...] = ("vanilla", "ngram", "eagle", "hybrid", "hybrid-fixed
 
 
 class DecodeConfig(BaseModel):
-    """Per-call generation settings (the same names as the public `generate` keyword arguments)."""
+    """Per-call generation settings (the same names as the public `generate` keyword arguments).
+
+    Sampling settings left as None take the model's `generation_config` value and then HF's global default,
+    exactly as `model.generate` does (`hsd_rag.generation_defaults.resolve` fills them in per call).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(128, gt=0)
-    """Upper bound on generated tokens (the answer stops earlier at end-of-turn or a stop string)."""
-    temperature: float = Field(0.0, ge=0.0)
-    """0 means greedy (token-identical to `generate(do_sample=False)`); > 0 samples losslessly."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass, applied as HF's TopPLogitsWarper (only when sampling)."""
-    top_k: int = Field(0, ge=0)
-    """Keep the k most likely tokens, as HF's TopKLogitsWarper; 0 disables (only when sampling)."""
+    """Upper bound on generated tokens (the answer stops earlier at end-of-turn or a stop string). Not read from
+    generation_config (HF's own default there is max_length=20, prompt included)."""
+    do_sample: bool | None = None
+    """Sample (True) or decode greedily (False); None: `temperature > 0` if given, else generation_config."""
+    temperature: float | None = Field(None, ge=0.0)
+    """0 means greedy (token-identical to `generate(do_sample=False)`); > 0 samples losslessly (and implies
+    do_sample=True). None: generation_config's (HF default 1.0 when sampling)."""
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling mass, as HF's TopPLogitsWarper (sampling only). None: generation_config's (HF: 1.0)."""
+    top_k: int | None = Field(None, ge=0)
+    """Keep the k most likely tokens, as HF's TopKLogitsWarper; 0 disables (sampling only). None:
+    generation_config's (HF default 50)."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """Drop tokens below min_p x the top token's probability, as HF's MinPLogitsWarper (sampling only)."""
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    """HF's RepetitionPenaltyLogitsProcessor over prompt + output, greedy and sampled (1.0 disables)."""
     method: Method = "ngram"
     """Draft source(s): "vanilla" (no drafts), "ngram", "eagle", "hybrid" (adaptive fusion), "hybrid-fixed"."""
     budget: int | Literal["auto"] = "auto"
@@ -52,4 +65,5 @@ class DecodeConfig(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """True for greedy decoding (a resolved config has temperature 0 exactly then)."""
+        return self.do_sample is False or self.temperature == 0.0

@@ -25,9 +25,12 @@ from hsd_rag.stats import GenerationResult, GenerationStats
 # Generation settings an adapter exposes as fields and accepts per call (the DecodeConfig names).
 GENERATION_KWARGS: tuple[str, ...] = (
     "max_new_tokens",
+    "do_sample",
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
+    "repetition_penalty",
     "method",
     "budget",
     "seed",
@@ -67,13 +70,23 @@ def config_default(name: str) -> Any:
 
 
 class SamplingFields(BaseModel):
-    """Generation settings both adapters expose as fields (defaults read from DecodeConfig, so they never drift)."""
+    """Generation settings both adapters expose as fields (defaults read from DecodeConfig, so they never drift).
 
-    temperature: float = Field(
+    None = as HF `generate` would: the model's generation_config, else HF's defaults (hsd_rag.generation_defaults).
+    """
+
+    do_sample: bool | None = Field(default=None, description="Sample or not; None: temperature / generation_config.")
+    temperature: float | None = Field(
         default=config_default("temperature"), ge=0.0, description="0 = greedy; > 0 samples (losslessly)."
     )
-    top_p: float = Field(default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off.")
+    top_p: float | None = Field(default=config_default("top_p"), gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=config_default("top_k"), ge=0, description="Keep the k most likely tokens; 0 = off.")
+    min_p: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability."
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, description="HF's repetition penalty over prompt + output (1.0 = off)."
+    )
     method: Method | None = Field(
         default=None,
         description="Draft source: vanilla, ngram, eagle, hybrid, hybrid-fixed. None = decoder.default_method.",
@@ -200,6 +213,15 @@ class DeadlineStream:
         self._prompt_tokens = prompt_tokens
         self._started = self.clock()
         self.result: GenerationResult | None = None
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> DeadlineStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[TokenPiece]:
         if self._timeout is None:
@@ -361,5 +383,27 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIt
                 break
             yield item
         await worker
+    finally:
+        cancelled.set()
+
+
+async def generate_in_thread(start: Callable[[], GenerationStream]) -> GenerationResult | None:
+    """Run a whole generation in one worker thread, for `ainvoke`-style calls.
+
+    Cancelling the awaiting task stops the generation within one step (the worker checks between tokens and
+    closes the stream), instead of leaving `asyncio.to_thread` to compute every remaining token.
+    """
+    loop = asyncio.get_running_loop()
+    cancelled = threading.Event()
+
+    def work() -> GenerationResult | None:
+        with start() as stream:
+            for _ in stream:
+                if cancelled.is_set():
+                    return None
+        return stream.result
+
+    try:
+        return await loop.run_in_executor(None, contextvars.copy_context().run, work)
     finally:
         cancelled.set()

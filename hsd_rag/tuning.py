@@ -74,7 +74,7 @@ def _time_forward(decoder, cache, root: int, n: int, context: int) -> float:
     tree = _chain(root, n)
     _wait(model)
     start = time.perf_counter()
-    forward_tree(model, cache, tree, context, decoder._cache_arg)
+    forward_tree(model, cache, tree, context, decoder._cache_arg, decoder.layout)
     _wait(model)
     elapsed = time.perf_counter() - start
     cache.crop(-n)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hsd_rag.attention_layout import FULL, AttentionLayout
 from hsd_rag.sampling import logits_to_probs
 from hsd_rag.tree import TokenTree
 
@@ -39,13 +40,19 @@ def cache_kwarg_name(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def forward_tree(model, cache, tree: TokenTree, past_length: int, cache_arg: str = "cache") -> torch.Tensor:
-    """Run the target once over every node of `tree` on top of the cache; returns logits [n, V]."""
+def forward_tree(
+    model, cache, tree: TokenTree, past_length: int, cache_arg: str = "cache", layout: AttentionLayout | None = None
+) -> torch.Tensor:
+    """Run the target once over every node of `tree` on top of the cache; returns logits [n, V].
+
+    `layout` (default: read from the model) gives each layer kind its mask, sliding windows included.
+    """
     device = model.device
     dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    layout = layout or AttentionLayout.of(model)
     outputs = model(
         input_ids=tree.input_ids(device),
-        attention_mask=tree.attention_mask(past_length, dtype, device),
+        attention_mask=layout.tree_mask(tree, past_length, cache, dtype, device),
         position_ids=tree.position_ids(past_length, device),
         use_cache=True,
         **{cache_arg: cache},
@@ -78,9 +85,10 @@ def accept_sampling(
     top_k: int,
     top_p: float,
     generator: torch.Generator | None,
+    min_p: float = 0.0,
 ) -> Acceptance:
     """Lossless tree speculative sampling with deterministic drafts (see module docstring)."""
-    probs = logits_to_probs(logits, temperature, top_k, top_p)  # [n, V]
+    probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)  # [n, V]
     n = len(tree)
     if n > 1:
         parents = torch.tensor(tree.parents[1:], device=probs.device)
@@ -115,33 +123,20 @@ def accept_sampling(
 
 
 def accept(tree: TokenTree, logits: torch.Tensor, config, generator: torch.Generator | None) -> Acceptance:
-    """Greedy when `config.temperature == 0`, else lossless tree speculative sampling."""
+    """Greedy when `config.greedy`, else lossless tree speculative sampling with the config's warpers."""
     if config.greedy:
         return accept_greedy(tree, logits)
-    return accept_sampling(tree, logits, config.temperature, config.top_k, config.top_p, generator)
-
-
-def _cache_layers(cache):
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer, "keys", "values") for layer in layers]
-    raise TypeError(f"Unsupported cache type {type(cache).__name__}: expected a transformers DynamicCache.")
+    return accept_sampling(
+        tree, logits, config.temperature, config.top_k, config.top_p, generator, min_p=config.min_p or 0.0
+    )
 
 
 def keep_accepted(cache, past_length: int, accepted_nodes: list[int]) -> None:
-    """Roll the cache back to `past_length` plus the accepted path's rows, in path order.
+    """Roll a full-history cache back to `past_length` plus the accepted path's rows, in path order.
 
-    The tree forward appended one row per node; the accepted nodes are moved to the front of that block
-    (in place, only the accepted rows are copied) and the rest is cropped.
+    The tree forward appended one row per node; the accepted nodes are moved to the front of that block (in
+    place, only the accepted rows are copied) and the rest is cropped. The decode loop calls
+    `AttentionLayout.keep_accepted`, which also handles sliding-window layers holding fewer rows.
     """
-    kept = past_length + len(accepted_nodes)
-    contiguous = accepted_nodes == list(range(len(accepted_nodes)))
-    if not contiguous:
-        for layer, k_name, v_name in _cache_layers(cache):
-            keys, values = getattr(layer, k_name), getattr(layer, v_name)
-            index = torch.tensor(accepted_nodes, device=keys.device) + past_length
-            keys[..., past_length:kept, :] = keys.index_select(-2, index)
-            values[..., past_length:kept, :] = values.index_select(-2, index)
-    surplus = cache.get_seq_length() - kept
-    if surplus > 0:
-        cache.crop(-surplus)  # a negative argument removes that many rows in every transformers 5.x
+    tree_size = cache.get_seq_length() - past_length
+    AttentionLayout((FULL,) * len(cache.layers)).keep_accepted(cache, tree_size, accepted_nodes)

@@ -97,7 +97,7 @@ def test_stopping_a_stream_early_frees_the_decoder(llm, chat_decoder):
     chunks = llm.stream(QUESTION)
     next(chunks)
     chunks.close()
-    assert not chat_decoder._lock.locked()
+    assert not chat_decoder.gate.locked()
     assert llm.invoke(QUESTION, max_new_tokens=2).usage_metadata["output_tokens"] == 2
 
 

@@ -38,7 +38,7 @@ def reference(chat_decoder):
 
 
 CHAT = [ChatMessage(role=MessageRole.USER, content=QUESTION)]
-TIMING_STATS = ("prefill_s", "draft_s", "verify_s", "other_s", "total_s", "tokens_per_s")
+TIMING_STATS = ("prefill_s", "draft_s", "verify_s", "other_s", "total_s", "tokens_per_s", "queue_s")
 
 
 def timings(raw: dict) -> dict:

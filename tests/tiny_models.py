@@ -65,17 +65,21 @@ class IdTokenizer:
 SMOLLM2_VOCAB = 49152
 
 
-def smollm2_chat_decoder(layers: int = 2, hidden: int = 32):
+def smollm2_chat_decoder(layers: int = 2, hidden: int = 32, remember_answers: bool = False):
     """A ~3M-parameter random Llama over the real SmolLM2 tokenizer, so the chat template is the real one.
 
     The tokenizer comes from the embedded default model's snapshot, created on first use (offline, ~30 s).
+    Earlier answers are not remembered unless asked: adapter tests compare the stats of two calls, and the
+    answer-history draft source would make the second call's steps depend on the first.
     """
     from transformers import AutoTokenizer
 
     from hsd_rag import HybridSpecDecoder
+    from hsd_rag.drafters.answer_history import AnswerHistory
     from hsd_rag.loading import default_snapshot
 
     tokenizer = AutoTokenizer.from_pretrained(default_snapshot())
     model = tiny_model("llama", vocab=SMOLLM2_VOCAB, layers=layers, hidden=hidden)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return HybridSpecDecoder(model, tokenizer)
+    history = None if remember_answers else AnswerHistory(max_answers=0)
+    return HybridSpecDecoder(model, tokenizer, answer_history=history)

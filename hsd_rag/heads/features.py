@@ -9,6 +9,10 @@
 Forward pre-hooks on three layers keep three tensors alive; `output_hidden_states=True` would keep L + 1 and
 change what callers get back. Each forward while attached appends one chunk; `pop()` returns everything since
 the last pop concatenated along time, so a prefill done in several chunks reads as one.
+
+Several requests may share one model, each with its own capture attached. The hooks of every capture fire on
+every forward, so each capture records only the forwards of the request that attached it: the one holding the
+model's gate (hsd_rag.model_gate) at `attach()` time, which is the one holding it whenever its forwards run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from functools import partial
 
 import torch
 from torch import nn
+
+from hsd_rag.model_gate import gate_for
 
 MIN_EAGLE3_LAYERS = 3  # layer L-3 must exist
 LOW_LAYER = 2  # the "low" EAGLE-3 feature enters this layer
@@ -70,6 +76,8 @@ class FeatureCapture:
         self._handles: list = []
         self._chunks: list[torch.Tensor] = []  # one [B, T, F] per forward
         self._current: dict[int, torch.Tensor] = {}  # layer -> input of the forward in progress
+        self._gate = gate_for(model)
+        self._owner: object | None = None  # the request whose forwards this capture records
 
     @classmethod
     def for_eagle3(cls, model: nn.Module) -> FeatureCapture:
@@ -92,6 +100,7 @@ class FeatureCapture:
         if self.active:
             return self
         self.clear()
+        self._owner = self._gate.holder  # None outside any generation: then only ungated forwards are recorded
         if self.layers is None:
             self._handles.append(final_norm(self.model).register_forward_hook(self._on_final))
         else:
@@ -102,6 +111,9 @@ class FeatureCapture:
         return self
 
     def detach(self) -> None:
+        """Remove the hooks. Safe while another request's forward runs (an abandoned stream is closed from any
+        thread, without the gate): torch snapshots a module's hooks before calling them, and our hooks ignore
+        forwards that are not their owner's anyway."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -126,7 +138,12 @@ class FeatureCapture:
 
     # ---- hooks ---------------------------------------------------------------------------------------------
 
+    def _mine(self) -> bool:
+        return self._gate.holder is self._owner
+
     def _on_layer_input(self, index: int, module, args, kwargs) -> None:
+        if not self._mine():
+            return
         hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
         self._current[index] = hidden.detach()
         if index == self._last_layer:  # layers run in order: every wanted input of this forward is in
@@ -136,4 +153,6 @@ class FeatureCapture:
             self._current.clear()
 
     def _on_final(self, module, args, output) -> None:
+        if not self._mine():
+            return
         self._chunks.append(output.detach())  # [B, T, H]
