@@ -238,11 +238,12 @@ class Outcome:
     passed: int = 0
     seconds: float = 0.0
     returncode: int = 0
+    timed_out: bool = False  # a timeout proves nothing: the mutant counts as not caught
     log_tail: str = ""
 
     @property
     def caught(self) -> bool:
-        return bool(self.failed)
+        return bool(self.failed) and not self.timed_out
 
 
 def run_tests(copy_root: Path, tests: list[str], stop_at_first: bool, timeout: float) -> Outcome:
@@ -251,12 +252,15 @@ def run_tests(copy_root: Path, tests: list[str], stop_at_first: bool, timeout: f
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--junitxml", str(xml)]
     cmd += ["-x"] if stop_at_first else []
     start = time.perf_counter()
+    timed_out = False
     try:
         proc = subprocess.run(cmd + tests, cwd=copy_root, env=env, capture_output=True, text=True, timeout=timeout)
         returncode, log = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
-        returncode, log = -1, f"timed out after {timeout:.0f} s\n{err.stdout or ''}"
-    outcome = Outcome("", seconds=time.perf_counter() - start, returncode=returncode, log_tail=log[-3000:])
+        output = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        returncode, log, timed_out = -1, f"timed out after {timeout:.0f} s\n{output}", True
+    outcome = Outcome("", seconds=time.perf_counter() - start, returncode=returncode, timed_out=timed_out,
+                      log_tail=log[-3000:])
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
             test_id = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
@@ -268,7 +272,7 @@ def run_tests(copy_root: Path, tests: list[str], stop_at_first: bool, timeout: f
                     outcome.p_values[test_id] = min(float(v) for v in found)
             elif not any(child.tag == "skipped" for child in case):
                 outcome.passed += 1
-    elif returncode != 0:
+    elif returncode != 0 and not timed_out:  # e.g. the interpreter crashed under the mutant
         outcome.failed.append(f"(pytest exited {returncode} without a report)")
     return outcome
 
@@ -285,7 +289,9 @@ def run_one(mutant: Mutant | None, tests: list[str], stop_at_first: bool, timeou
 
 
 def format_row(outcome: Outcome) -> str:
-    if not outcome.caught:
+    if outcome.timed_out:
+        verdict, tests = "TIMED OUT (not proven caught)", "-"
+    elif not outcome.caught:
         verdict, tests = "SURVIVED", "-"
     else:
         verdict = "caught"
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and not args.no_baseline:
         baseline = run_one(None, tests, stop_at_first=False, timeout=args.timeout)
         print(format_row(baseline).replace("caught", "BASELINE FAILS").replace("SURVIVED", "passes"), flush=True)
-        if baseline.caught:
+        if baseline.caught or baseline.timed_out:
             print(f"\nThe unmutated copy fails, so no mutant verdict means anything:\n{baseline.log_tail}",
                   file=sys.stderr)
             return 1

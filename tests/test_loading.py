@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hsd_rag import HybridSpecDecoder
-from hsd_rag import loading
+from hsd_rag import HybridSpecDecoder, loading
 from hsd_rag.loading import ModelLoadError, load_target
 from tests.tiny_files import save_model_dir, tiny_smollm2_model, write_llama_gguf
 
