@@ -115,8 +115,9 @@ def fidelity_p(samples: Iterable[tuple[int, ...]], law: dict[tuple[int, ...], fl
     return min(1.0, len(p_values) * min(p_values))
 
 
-def report(name: str, p_value: float) -> str:
+def report(name: str, p_value: float, **details) -> str:
     """The line `scripts/mutants.py` and the seed runs read back; also the assertion message."""
-    line = f"[fidelity] {name} seed={SEED} p={p_value:.3g}"
+    extra = "".join(f" {key}={value}" for key, value in details.items())
+    line = f"[fidelity] {name} seed={SEED} p={p_value:.3g}{extra}"
     print(line)
     return line

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_mutants_are_caught():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "mutants.py"), "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        cwd=ROOT, capture_output=True, text=True, timeout=3600,  # a hang guard, not a speed check
     )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr

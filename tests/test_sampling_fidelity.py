@@ -90,7 +90,7 @@ def test_acceptance_rule_emits_the_target_law(setting):
         samples.append(tuple(tree.tokens[n] for n in acc.nodes[1:]) + (acc.bonus_token,))
         depths[len(acc.nodes) - 1] += 1
     p_value = fidelity_p(samples, law, lengths=(1, 2, 4))
-    line = report(f"rule-{setting}", p_value)
+    line = report(f"rule-{setting}", p_value, deep_steps=depths[2] + depths[3])
     assert p_value > P_FLOOR, line
     assert depths[3] > 0 and depths[0] > 0  # the deepest path and the all-rejected case both happened
 
@@ -195,12 +195,13 @@ def test_decoder_samples_the_target_law(model, drafts, setting):
     sequences, depths = sample(dec, "ngram", DECODER_SAMPLES, sampling, base_seed=base)
     law = sequence_law(model, PROMPT, TESTED_TOKENS, **sampling)
     p_value = fidelity_p(sequences, law, lengths=range(1, TESTED_TOKENS + 1))
-    line = report(f"decoder-{drafts}-{setting}", p_value)
+    deep = sum(n for d, n in depths.items() if d >= 2)
+    line = report(f"decoder-{drafts}-{setting}", p_value, deep_steps=deep)
     assert p_value > P_FLOOR, line
     if drafts == "worst-chain" and sampling["top_k"]:
-        assert sum(n for d, n in depths.items() if d >= 2) == 0  # rank -1 is outside top-k: never accepted
+        assert deep == 0  # rank -1 is outside top-k: never accepted
     else:
-        assert sum(n for d, n in depths.items() if d >= 2) > 0, depths  # paths two or more drafts deep accepted
+        assert deep > 0, depths  # paths two or more drafts deep were accepted
 
 
 def test_sequence_law_is_a_distribution(model):
@@ -253,6 +254,7 @@ def test_real_methods_sample_the_target_law(model, head_decoder, method):
     base = (SEED * 100 + 50 + ["ngram", "eagle", "hybrid", "hybrid-fixed"].index(method)) * 1_000_003
     sequences, depths = sample(head_decoder, method, REAL_SAMPLES, sampling, documents, base_seed=base)
     p_value = fidelity_p(sequences, law)
-    line = report(f"real-{method}", p_value)
+    deep = sum(n for d, n in depths.items() if d >= 2)
+    line = report(f"real-{method}", p_value, deep_steps=deep)
     assert p_value > P_FLOOR, line
-    assert sum(n for d, n in depths.items() if d >= 2) > 0, depths  # drafts accepted two or more deep
+    assert deep > 0, depths  # drafts accepted two or more deep
