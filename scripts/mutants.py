@@ -37,6 +37,7 @@ P_VALUE = re.compile(r"\bp=([0-9.]+(?:e[-+]?[0-9]+)?)")
 # The fast tests that carry the lossless promise (greedy equality, sampling fidelity, EOS and stop handling),
 # cheapest first so that `--stop-at-first` finds a catching test soon.
 FAST_TESTS = [
+    "tests/test_verify_exact.py",
     "tests/test_sampling_fidelity.py::test_acceptance_rule_emits_the_target_law",
     "tests/test_sampling_fidelity.py::test_warpers_match_transformers",
     "tests/test_sampling_fidelity.py::test_sequence_law_is_a_distribution",
