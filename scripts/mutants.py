@@ -122,7 +122,7 @@ MUTANTS = [
         "    if not contiguous:\n",
         "    if False:\n",
         "an accepted path that skips earlier siblings keeps the rejected siblings' cache rows",
-        quick=("tests/test_lossless_tiny.py::test_greedy_equals_generate[llama-true-path-planted-16]",),
+        quick=("tests/test_verify_exact.py::test_rollback_keeps_exactly_the_accepted_rows",),
     ),
     Mutant(
         "cache-copy-keys-only",
@@ -152,6 +152,7 @@ MUTANTS = [
         "return torch.tensor([self.depths], dtype=torch.long, device=device) + past_length",
         "return torch.arange(len(self), dtype=torch.long, device=device)[None] + past_length",
         "a node's position taken from its index in the tree instead of its depth",
+        quick=("tests/test_verify_exact.py::test_tree_logits_equal_sequential_logits",),
     ),
     Mutant(
         "mask-allows-previous-sibling",
