@@ -12,6 +12,11 @@ from tests.tiny_models import TINY_VOCAB, IdTokenizer, tiny_model
 PROMPT = [0, 21, 22, 23, 24]
 
 
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0)
+    return out[0, len(prompt) :].tolist()
+
+
 @pytest.fixture(scope="module")
 def dec():
     return HybridSpecDecoder(tiny_model("llama", seed=5), IdTokenizer())
@@ -47,7 +52,7 @@ def test_stop_string_cuts_text(dec):
 def test_stats_add_up(dec):
     dec2 = HybridSpecDecoder(dec.model, IdTokenizer())
     prompt = PROMPT
-    ref = dec.generate(prompt, max_new_tokens=30, method="vanilla").token_ids
+    ref = hf_greedy(dec.model, prompt, 30)
     dec2.drafter_factories = {"ngram": lambda d, c: RandomTreeDrafter(TINY_VOCAB, seed=1, oracle=prompt + ref)}
     res = dec2.generate(prompt, max_new_tokens=30, method="ngram", budget=8)
     s = res.stats
@@ -69,8 +74,11 @@ def test_prompt_longer_than_context_window(dec):
 
 def test_generation_stops_at_context_window(dec):
     window = dec.model.config.max_position_embeddings
-    res = dec.generate([2] * (window - 3), max_new_tokens=50, method="ngram")
-    assert len(res.token_ids) <= 3
+    prompt = [2] * (window - 3)
+    res = dec.generate(prompt, max_new_tokens=50, method="ngram")
+    expected = hf_greedy(dec.model, prompt, 3)  # the 3 tokens that still fit
+    assert len(expected) == 3 and 1 not in expected  # no EOS on the way: the window is what stops it
+    assert res.token_ids == expected and res.stats.stop_reason == "context_window"
 
 
 @pytest.mark.parametrize(
@@ -98,9 +106,26 @@ def test_bad_prompts(dec):
         dec.generate([{"role": "user", "content": "hi"}])
 
 
-def test_tensor_prompt_and_eos(dec):
-    res = dec.generate(torch.tensor([PROMPT]), max_new_tokens=200, method="vanilla")
-    if res.stats.stop_reason == "eos":
-        assert res.token_ids[-1] in dec.eos_token_ids
-    else:
-        assert len(res.token_ids) == 200
+def test_tensor_prompt_equals_list_prompt(dec):
+    expected = hf_greedy(dec.model, PROMPT, 16)
+    for prompt in (PROMPT, torch.tensor([PROMPT]), torch.tensor(PROMPT)):
+        for method in ("vanilla", "ngram"):
+            res = dec.generate(prompt, max_new_tokens=16, method=method)
+            assert res.token_ids == expected, (type(prompt).__name__, tuple(getattr(prompt, "shape", ())), method)
+            assert res.stats.prompt_tokens == len(PROMPT)
+
+
+def test_eos_inside_a_step_ends_generation_like_generate():
+    model = tiny_model("llama", seed=5)
+    free = hf_greedy(model, PROMPT, 24)  # without EOS the model would write this
+    eos = next(t for t in free[3:] if t != 1)  # pretend a token it writes mid-answer is EOS
+    model.generation_config.eos_token_id = eos
+    expected = hf_greedy(model, PROMPT, 24)
+    assert expected[-1] == eos and len(expected) < 24
+    drafter = RandomTreeDrafter(TINY_VOCAB, seed=3, oracle=PROMPT + free)  # drafts run past the EOS
+    dec = HybridSpecDecoder(model, IdTokenizer())
+    dec.drafter_factories = {"ngram": lambda d, c: drafter}
+    for budget in (4, 16):
+        res = dec.generate(PROMPT, max_new_tokens=24, method="ngram", budget=budget)
+        assert res.token_ids == expected and res.stats.stop_reason == "eos"
+    assert res.stats.tau > 1.0  # drafts were accepted, EOS among them

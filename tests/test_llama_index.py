@@ -13,7 +13,7 @@ from llama_index.core.prompts import PromptTemplate
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.llama_index import HybridSpecLLM
-from tests.tiny_models import smollm2_chat_decoder
+from tests.tiny_models import hf_greedy_text, smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
 SHORT = 10  # new tokens per generation
@@ -33,8 +33,11 @@ def llm(chat_decoder):
 
 @pytest.fixture(scope="module")
 def reference(chat_decoder):
-    """What the decoder alone answers to QUESTION as one user message."""
-    return chat_decoder.generate([{"role": "user", "content": QUESTION}], max_new_tokens=SHORT)
+    """What the decoder alone answers to QUESTION as one user message (HF generate's text: lossless)."""
+    messages = [{"role": "user", "content": QUESTION}]
+    result = chat_decoder.generate(messages, max_new_tokens=SHORT)
+    assert result.text == hf_greedy_text(chat_decoder, messages, SHORT)
+    return result
 
 
 CHAT = [ChatMessage(role=MessageRole.USER, content=QUESTION)]

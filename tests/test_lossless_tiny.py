@@ -1,4 +1,8 @@
-"""Greedy equality with HF generate for tiny random Llama / Qwen2 / Mistral, with adversarial draft trees."""
+"""Greedy equality with HF generate for tiny random Llama / Qwen2 / Mistral, with adversarial draft trees.
+
+The planted true path sits after random nodes and decoy siblings (tests/fake_drafters.py), so accepting it
+makes the cache rollback keep non-adjacent rows at almost every step.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hsd_rag import HybridSpecDecoder
-from tests.fake_drafters import RandomTreeDrafter
+from tests.fake_drafters import RandomTreeDrafter, skips_siblings
 from tests.tiny_models import TINY_VOCAB, IdTokenizer, tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral"]
@@ -41,6 +45,7 @@ def test_greedy_equals_generate(tiny, budget, planted):
     assert result.token_ids == expected
     if planted and budget != 1:
         assert result.stats.tau > 1.5  # the planted true path is actually being accepted
+        assert skips_siblings(drafter.accepted_paths)  # past decoy siblings: the rollback moved cache rows
     assert result.stats.steps <= 48
 
 

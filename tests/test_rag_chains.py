@@ -17,7 +17,7 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.langchain import HybridSpecLLM, attach_documents
 from tests.fake_drafters import record_drafts
-from tests.tiny_models import smollm2_chat_decoder
+from tests.tiny_models import hf_greedy_text, smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
 ANSWER_TOKENS = 40  # long enough to copy a span of the retrieved chunk, short on a CPU
@@ -96,6 +96,10 @@ def test_lcel_chain_drafts_from_the_retrieved_chunks(folder_index, default_decod
     assert message.response_metadata["accepted_by_source"].get("ngram", 0) > 0, message
     assert message.response_metadata["tau"] > 1.0
     assert "Solbakken" in message.content  # the 135M model copies the name from the chunk
+    from hsd_rag.langchain import to_chat_messages
+
+    sent = ({"context": retriever, "question": RunnablePassthrough()} | attach_documents(RAG_PROMPT)).invoke(QUESTION)
+    assert message.content == hf_greedy_text(decoder, to_chat_messages(sent.to_messages()), ANSWER_TOKENS)
 
 
 class ChatEndEvents:

@@ -83,3 +83,12 @@ def smollm2_chat_decoder(layers: int = 2, hidden: int = 32, remember_answers: bo
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     history = None if remember_answers else AnswerHistory(max_answers=0)
     return HybridSpecDecoder(model, tokenizer, answer_history=history)
+
+
+def hf_greedy_text(decoder, messages, max_new_tokens: int) -> str:
+    """What HF `generate(do_sample=False)` writes for chat `messages` with the decoder's model and chat template:
+    the reference every "lossless" claim is checked against."""
+    ids = torch.tensor([decoder.encode_prompt(messages)], device=decoder.model.device)
+    out = decoder.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens)
+    return decoder.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
