@@ -118,24 +118,24 @@ MUTANTS = [
     # ---- cache rollback (hsd_rag/verify.py) --------------------------------------------------------------------
     Mutant(
         "no-cache-row-copy",
-        "hsd_rag/verify.py",
-        "    if not contiguous:\n",
-        "    if False:\n",
+        "hsd_rag/attention_layout.py",
+        "            if not contiguous:\n",
+        "            if False:\n",
         "an accepted path that skips earlier siblings keeps the rejected siblings' cache rows",
         quick=("tests/test_verify_exact.py::test_rollback_keeps_exactly_the_accepted_rows",),
     ),
     Mutant(
         "cache-copy-keys-only",
-        "hsd_rag/verify.py",
-        "            values[..., past_length:kept, :] = values.index_select(-2, index)\n",
+        "hsd_rag/attention_layout.py",
+        "                values[..., start : start + kept, :] = values.index_select(-2, index + start)\n",
         "",
         "the rollback moves the accepted keys but not their values",
     ),
     Mutant(
         "cache-copy-index-without-past-offset",
-        "hsd_rag/verify.py",
-        "index = torch.tensor(accepted_nodes, device=keys.device) + past_length",
-        "index = torch.tensor(accepted_nodes, device=keys.device)",
+        "hsd_rag/attention_layout.py",
+        "keys[..., start : start + kept, :] = keys.index_select(-2, index + start)",
+        "keys[..., start : start + kept, :] = keys.index_select(-2, index)",
         "the rows to keep indexed from the start of the cache instead of the start of the tree block",
     ),
     # ---- tree tensors (hsd_rag/tree.py) -------------------------------------------------------------------------
@@ -164,8 +164,8 @@ MUTANTS = [
     Mutant(
         "mask-hides-last-cache-row",
         "hsd_rag/tree.py",
-        "        mask[..., :past_length] = 0\n",
-        "        mask[..., : max(past_length - 1, 0)] = 0\n",
+        "            mask[..., :rows] = 0\n",
+        "            mask[..., : max(rows - 1, 0)] = 0\n",
         "the tree does not see the last cached token",
     ),
     # ---- end of generation and streaming (hsd_rag/decoder.py) ---------------------------------------------------
@@ -186,9 +186,9 @@ MUTANTS = [
     ),
     Mutant(
         "utf8-holdback-removed",
-        "hsd_rag/decoder.py",
-        '                    if text.endswith("\\ufffd"):',
-        "                    if False:",
+        "hsd_rag/streaming_text.py",
+        "complete = fresh and not window.endswith(REPLACEMENT_CHAR) and",
+        "complete = fresh and",
         "streaming emits half a multi-byte character as U+FFFD",
     ),
     # ---- warpers (hsd_rag/sampling.py) --------------------------------------------------------------------------
