@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hsd_rag.constrain.formats import ResponseFormatSetting
+
 Method = Literal["vanilla", "ngram", "eagle", "hybrid", "hybrid-fixed"]
 METHODS: tuple[str, ...] = ("vanilla", "ngram", "eagle", "hybrid", "hybrid-fixed")
 
@@ -32,6 +34,10 @@ class DecodeConfig(BaseModel):
     """Stop strings: generation ends when one appears; the returned text ends before it."""
     seed: int | None = None
     """Seed for sampling (None draws from torch's global generator state)."""
+    response_format: ResponseFormatSetting = None
+    """Constrain the output (hsd_rag.constrain): a JSON schema / pydantic model / TypedDict, "json_object", or
+    {"type": "regex" | "grammar" | "structural_tag", ...}. Still lossless: the same as the target decoding alone
+    under the same constraint. None: free text."""
 
     @field_validator("budget")
     @classmethod

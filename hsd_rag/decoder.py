@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
+from hsd_rag.constrain.rule import grammar_rule
 from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
 from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
 from hsd_rag.logits_rules import LogitsRuleFactory, build_rules
@@ -85,7 +86,7 @@ class HybridSpecDecoder:
 
     drafter_factories: dict[str, DrafterFactory] = DRAFTER_FACTORIES
     # Per-request logits rules (repetition penalty, grammar constraints), applied in this order.
-    logits_rule_factories: tuple[LogitsRuleFactory, ...] = ()
+    logits_rule_factories: tuple[LogitsRuleFactory, ...] = (grammar_rule,)
 
     def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None):
         self.model = model

@@ -18,7 +18,8 @@ import torch
 SOURCE_TARGET = 0  # the bonus token, sampled from the target itself
 SOURCE_NGRAM = 1
 SOURCE_EAGLE = 2
-SOURCE_NAMES = {SOURCE_NGRAM: "ngram", SOURCE_EAGLE: "eagle"}
+SOURCE_GRAMMAR = 4  # tokens a response format forces (hsd_rag.constrain), drafted for free
+SOURCE_NAMES = {SOURCE_NGRAM: "ngram", SOURCE_EAGLE: "eagle", SOURCE_GRAMMAR: "grammar"}
 
 
 def source_names(mask: int) -> list[str]:
