@@ -321,25 +321,17 @@ class HybridSpecLLM(SamplingFields, BaseChatModel):
         stops = stop if stop is not None else self.stop
         if stops:
             settings["stop"] = list(stops)
-        prompt, response_format, expects_calls = self._structured_prompt(chat, structure)
+        prompt, response_format, expects_calls = tool_calls.prepare_request(
+            self._decoder().tokenizer,
+            chat,
+            structure.get("tools"),
+            structure.get("tool_choice"),
+            bool(structure.get("parallel_tool_calls")),
+            structure.get("response_format"),
+        )
         if response_format is not None:
             settings["response_format"] = response_format
         return prompt, message_documents(messages) + document_texts(documents), settings, expects_calls
-
-    def _structured_prompt(self, chat: list[dict[str, Any]], structure: dict[str, Any]):
-        """(prompt, response format or None, whether tool calls are parsed) from bound tools / response_format."""
-        tools = structure.get("tools") or []
-        response_format = structure.get("response_format")
-        call_format = tool_calls.tool_call_format(
-            tools, structure.get("tool_choice"), bool(structure.get("parallel_tool_calls"))
-        )
-        if call_format is not None and response_format is not None:
-            raise ValueError(f"{ADAPTER}: bind tools or pass a response_format, not both.")
-        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in chat):
-            prompt = tool_calls.encode_chat_with_tools(self._decoder().tokenizer, chat, tools)
-        else:
-            prompt = chat
-        return prompt, call_format or response_format, call_format is not None
 
     # ---- tools and structured output ------------------------------------------------------------------
 

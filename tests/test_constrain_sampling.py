@@ -130,7 +130,7 @@ def test_constrained_samples_match_the_constrained_target(decoder, drafts, setti
     p_value = fidelity_p(counts, joint)
     assert p_value > P_FLOOR, f"constrained samples differ from the constrained target (p={p_value:.2e})"
     assert grammar_accepted >= SAMPLES  # the forced `x` (and `-`) were grafted and accepted
-    assert drafted > 2 * SAMPLES
+    assert drafted > SAMPLES  # besides grafts, drafts survived pruning and were verified
 
 
 @pytest.mark.parametrize("method", ["ngram", "hybrid"])

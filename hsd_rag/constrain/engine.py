@@ -69,6 +69,8 @@ class GrammarEngine:
             tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=COMPILER_THREADS, cache_enabled=True)
+        # ids no grammar ever accepts (padding rows, special tokens): drafts of them are dropped without asking
+        self.never_allowed = frozenset(self.info.special_token_ids) - frozenset(self.stop_token_ids)
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
 

@@ -84,9 +84,13 @@ class GrammarRule:
         matcher = self.matcher
         if matcher.is_terminated():  # the node is a stop token: nothing may follow it
             return
+        never = self.engine.never_allowed
         for child in tree.children(node):
-            if matcher.accept_token(tree.tokens[child]):  # a rejected token leaves the matcher unchanged
-                kept = out.add(out_node, tree.tokens[child], tree.scores[child], tree.sources[child])
+            token = tree.tokens[child]
+            if token in never or token >= self.engine.vocab_size:
+                continue
+            if matcher.accept_token(token):  # a rejected token leaves the matcher unchanged
+                kept = out.add(out_node, token, tree.scores[child], tree.sources[child])
                 self._copy_allowed(tree, child, out, kept)
                 matcher.rollback(1)
         if self.graft:

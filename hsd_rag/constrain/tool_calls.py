@@ -167,6 +167,35 @@ class ToolCallSplitter:
 # ---- the prompt ---------------------------------------------------------------------------------------------
 
 
+def prepare_request(
+    tokenizer,
+    chat: Sequence[dict],
+    tools: Sequence[dict] | None = None,
+    tool_choice: ToolChoice = None,
+    parallel_tool_calls: bool = False,
+    response_format: Any = None,
+) -> tuple[Sequence[dict] | list[int], Any, bool]:
+    """What both adapters send the decoder: (prompt, response format or None, whether to parse tool calls).
+
+    The prompt stays chat messages unless tools are bound or the history holds tool calls or results: then it
+    is token ids from `encode_chat_with_tools` (the decoder's own chat encoding knows no tools).
+    """
+    tools = list(tools or [])
+    call_format = tool_call_format(tools, tool_choice, parallel_tool_calls)
+    if call_format is not None and response_format is not None:
+        raise ValueError("Bind tools or pass a response_format, not both.")
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in chat):
+        prompt = encode_chat_with_tools(tokenizer, chat, tools)
+    else:
+        prompt = chat
+    return prompt, call_format or response_format, call_format is not None
+
+
+def parses_tool_calls(tools: Sequence[dict] | None, tool_choice: ToolChoice = None) -> bool:
+    """Whether a call with these tools and tool_choice may produce tool calls (the output is then parsed)."""
+    return bool(tools) and bool(choose_tools(tools, tool_choice)[0])
+
+
 def template_renders_tools(tokenizer) -> bool:
     """Whether the tokenizer's chat template uses the `tools` it is given (else they would be dropped silently)."""
     template = getattr(tokenizer, "chat_template", None)
