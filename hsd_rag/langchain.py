@@ -13,6 +13,10 @@ drafted from automatically. Extra chunks (e.g. more than fit in the context wind
 with each request and every generation builds its own drafter, concurrent requests (`batch`, async, threads)
 never draft from each other's chunks.
 
+Structured output and tools: `llm.with_structured_output(Schema)` and `llm.bind_tools([...], tool_choice=...)`
+decode under a grammar (hsd_rag.constrain), still losslessly: answers always parse, tool calls always name a
+bound tool with valid arguments, and come back in `AIMessage.tool_calls`; ToolMessages go back to the model.
+
 Stats: `response_metadata` holds finish_reason, stop_reason, tau (tokens per target forward), steps,
 accepted_by_source / drafted_by_source and all of `GenerationStats` under "hsd_rag_stats"; `usage_metadata`
 holds the token counts. When streaming, they arrive on the last chunk.
@@ -122,7 +126,7 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                 ]
         elif isinstance(message, ToolMessage):
             role = "tool"
-            extra = {"name": message.name, "tool_call_id": message.tool_call_id}
+            extra = {k: v for k, v in (("name", message.name), ("tool_call_id", message.tool_call_id)) if v}
             if message.status == "error" and not message.text.lower().startswith("error"):
                 extra["content"] = f"Error: {message.text}"
         elif isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant", "tool"):

@@ -11,6 +11,9 @@ prompt are drafted from automatically. Extra chunks can be passed per call, `llm
 documents=[...])` or `llm.complete(prompt, documents=[...])` (strings, nodes or Documents); each generation
 builds its own drafter, so concurrent requests never draft from each other's chunks.
 
+Structured output and tools: `structured_predict` / `as_structured_llm` and function calling (`chat_with_tools`,
+`predict_and_call`, `FunctionAgent`) decode under a grammar (hsd_rag.constrain), still losslessly; see the class.
+
 Stats: every response carries the raw `GenerationStats` in `response.raw` and finish_reason, tau, steps,
 accepted_by_source, usage and all stats ("hsd_rag_stats") in `response.additional_kwargs`; when streaming, on
 the last response. A query engine returns only text: read them from the LLM's chat end event with a

@@ -105,9 +105,15 @@ class GrammarEngine:
         """A fresh per-request matcher (its state: the tokens generated so far)."""
         return xgr.GrammarMatcher(compiled)
 
-    def full_bitmask(self, rows: int) -> torch.Tensor:
-        """[rows, ceil(V/32)] int32 on the CPU, every token allowed."""
-        return xgr.allocate_token_bitmask(rows, self.vocab_size)
+    def full_bitmask(self, rows: int, pinned: bool = False) -> torch.Tensor:
+        """[rows, ceil(V/32)] int32 on the CPU, every token allowed; `pinned` for asynchronous copies to a GPU."""
+        bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
+        return bitmask.pin_memory() if pinned else bitmask
+
+    @staticmethod
+    def reset_bitmask(bitmask: torch.Tensor) -> None:
+        """Allow every token again (a reused buffer)."""
+        xgr.reset_token_bitmask(bitmask)
 
     def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         """Set disallowed logits to -inf in place (xgrammar's CPU / CUDA kernels); returns `logits`."""

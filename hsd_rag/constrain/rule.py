@@ -64,6 +64,7 @@ class GrammarRule:
         self.matcher = None
         self.rate = GraftRate()
         self._verified: TokenTree | None = None  # the last tree `apply` masked, for the graft rate
+        self._bitmask: torch.Tensor | None = None  # [rows, ceil(V/32)] int32, reused (pinned for a GPU target)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         # The prompt is not constrained: the matcher starts empty and follows the generated tokens only.
@@ -108,13 +109,23 @@ class GrammarRule:
     def apply(self, tree: TokenTree, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """[n, V] logits -> the same with every token the grammar forbids at that node set to -inf."""
         first_child, next_sibling = _child_links(tree)
-        bitmask = self.engine.full_bitmask(len(tree))
+        bitmask = self._full_bitmask(len(tree), logits.device)
         # Walks the tree from the matcher's state (the root's), masking each node by its path; a node whose
         # own token the grammar forbids keeps a full row, as do its descendants: it can never be accepted
         # (its parent's row gives it probability 0), so their rows are never read.
         self.matcher.traverse_draft_tree(first_child, next_sibling, torch.tensor(tree.tokens), bitmask)
         self._verified = tree
         return self.engine.apply_bitmask(logits, bitmask)
+
+    def _full_bitmask(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The first `rows` rows of the reused mask buffer, all allowed. Reuse is safe: the previous step's
+        copy to the device finished before its acceptance was read back on the host."""
+        held = 0 if self._bitmask is None else self._bitmask.shape[0]
+        if held < rows:
+            self._bitmask = self.engine.full_bitmask(max(rows, 2 * held), pinned=device.type == "cuda")
+        bitmask = self._bitmask[:rows]
+        self.engine.reset_bitmask(bitmask)
+        return bitmask
 
     # ---- after acceptance ---------------------------------------------------------------------------------
 
