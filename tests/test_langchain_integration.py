@@ -69,3 +69,32 @@ class TestHybridSpecLLMIntegration(ChatModelIntegrationTests):
     @property
     def supports_model_override(self) -> bool:
         return False  # one HybridSpecLLM wraps one loaded model; a per-call `model=` raises ValueError
+
+    # ---- known model-quality failures (see the marks above) ------------------------------------------------
+
+    @LOOPS_IN_FREE_TEXT_STRINGS
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    def test_structured_output(self, model, schema_type) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @LOOPS_IN_FREE_TEXT_STRINGS
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model, schema_type) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @LOOPS_IN_FREE_TEXT_STRINGS
+    def test_structured_output_pydantic_2_v1(self, model) -> None:
+        super().test_structured_output_pydantic_2_v1(model)
+
+    @LOOPS_IN_FREE_TEXT_STRINGS
+    def test_structured_output_optional_param(self, model) -> None:
+        super().test_structured_output_optional_param(model)
+
+    @LOOPS_IN_FREE_TEXT_STRINGS
+    def test_json_mode(self, model) -> None:
+        super().test_json_mode(model)
+
+    @DOES_NOT_CHOOSE_TOOLS
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
