@@ -67,6 +67,9 @@ def test_parse_tool_calls():
     content, calls, invalid = tool_calls.parse_tool_calls("<tool_call>\n{not json}\n</tool_call>")
     assert not calls and invalid and invalid[0][0] == "{not json}"
     assert tool_calls.parse_tool_calls("no calls  ") == ("no calls  ", [], [])
+    content, calls, invalid = tool_calls.parse_tool_calls(f'{CALL}\n<tool_call>\n{{"name": "add", "argu')
+    assert content == "" and len(calls) == 1
+    assert invalid == [('{"name": "add", "argu', "the generation ended inside this tool call (raise max_new_tokens)")]
 
 
 def test_splitter_streams_text_and_holds_back_calls():

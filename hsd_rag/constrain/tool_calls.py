@@ -113,7 +113,11 @@ def _call_tag(tool: dict) -> dict:
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall], list[tuple[str, str]]]:
-    """Generated text -> (text outside the calls, parsed calls, [(raw call, error)] for unparsable ones)."""
+    """Generated text -> (text outside the calls, parsed calls, [(raw call, error)] for unparsable ones).
+
+    A call the generation stopped inside (max_new_tokens reached before `</tool_call>`) is reported as
+    unparsable, never as content.
+    """
     calls, invalid = [], []
     for raw in CALL_PATTERN.findall(text):
         try:
@@ -122,6 +126,11 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall], list[tuple[str, st
         except (ValueError, KeyError, TypeError) as error:
             invalid.append((raw, f"{type(error).__name__}: {error}"))
     content = CALL_PATTERN.sub("", text)
+    unterminated = content.find(CALL_TRIGGER)
+    if unterminated >= 0:
+        raw = content[unterminated + len(CALL_TRIGGER) :].strip()
+        invalid.append((raw, "the generation ended inside this tool call (raise max_new_tokens)"))
+        content = content[:unterminated]
     if calls or invalid:
         content = content.strip()
     return content, calls, invalid
