@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hsd_rag.constrain.formats import ResponseFormatSetting
+
 Method = Literal["vanilla", "ngram", "eagle", "hybrid", "hybrid-fixed"]
 METHODS: tuple[str, ...] = ("vanilla", "ngram", "eagle", "hybrid", "hybrid-fixed")
 
@@ -48,6 +50,10 @@ class DecodeConfig(BaseModel):
     answer_history: bool = True
     """Draft from this decoder's earlier answers too (never other requests' prompts or documents), and remember
     this answer for later requests. False keeps the request fully isolated."""
+    response_format: ResponseFormatSetting = None
+    """Constrain the output (hsd_rag.constrain): a JSON schema / pydantic model / TypedDict, "json_object", or
+    {"type": "regex" | "grammar" | "structural_tag", ...}. Still lossless: the same as the target decoding alone
+    under the same constraint. None: free text."""
 
     @field_validator("budget")
     @classmethod

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from hsd_rag.attention_layout import AttentionLayout
 from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
+from hsd_rag.constrain.rule import grammar_rule
 from hsd_rag.drafters.answer_history import AnswerHistory
 from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
 from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
@@ -114,7 +115,7 @@ class HybridSpecDecoder:
 
     drafter_factories: dict[str, DrafterFactory] = DRAFTER_FACTORIES
     # Per-request logits rules (repetition penalty, grammar constraints), applied in this order.
-    logits_rule_factories: tuple[LogitsRuleFactory, ...] = (repetition_penalty_rule,)
+    logits_rule_factories: tuple[LogitsRuleFactory, ...] = (repetition_penalty_rule, grammar_rule)
 
     def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None,
                  answer_history: AnswerHistory | None = None):

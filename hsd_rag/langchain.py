@@ -15,6 +15,10 @@ drafted from automatically. Extra chunks (e.g. more than fit in the context wind
 with each request and every generation builds its own drafter, concurrent requests (`batch`, async, threads)
 never draft from each other's chunks.
 
+Structured output and tools: `llm.with_structured_output(Schema)` and `llm.bind_tools([...], tool_choice=...)`
+decode under a grammar (hsd_rag.constrain), still losslessly: answers always parse, tool calls always name a
+bound tool with valid arguments, and come back in `AIMessage.tool_calls`; ToolMessages go back to the model.
+
 Stats: `response_metadata` holds finish_reason, stop_reason, tau (tokens per target forward), steps,
 accepted_by_source / drafted_by_source and all of `GenerationStats` under "hsd_rag_stats"; `usage_metadata`
 holds the token counts. When streaming, they arrive on the last chunk. `get_num_tokens` and
@@ -26,11 +30,15 @@ it passed, with finish_reason "timeout". `api_key` is refused: a local model has
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
+from hsd_rag.constrain import tool_calls
+from hsd_rag.constrain.formats import JsonSchema
 from hsd_rag.data.prompt import PASSAGE_SEPARATOR
 from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.integrations_common import (
@@ -69,10 +77,22 @@ try:
         ChatMessage,
         HumanMessage,
         SystemMessage,
+        ToolMessage,
     )
+    from langchain_core.messages.tool import tool_call_chunk
+    from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+    from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
     from langchain_core.outputs import ChatGenerationChunk, ChatResult
     from langchain_core.prompt_values import ChatPromptValue
-    from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+    from langchain_core.runnables import (
+        Runnable,
+        RunnableConfig,
+        RunnableLambda,
+        RunnableMap,
+        RunnablePassthrough,
+    )
+    from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+    from langchain_core.utils.pydantic import is_basemodel_subclass
 except ImportError as error:
     raise ImportError(
         f"hsd_rag.langchain needs the optional package `langchain-core`: `pip install langchain-core` "
@@ -86,38 +106,54 @@ IGNORED_REMOTE_PARAMS = frozenset({"max_retries"})
 REFUSED_REMOTE_PARAMS = frozenset({"api_key"})  # silently dropping a credential would hide a misconfiguration
 # Call kwargs LangChain itself uses to steer a call; they are not generation settings.
 LANGCHAIN_CONTROL_KWARGS = ("stream",)
+# Call kwargs that shape the output (bound by bind_tools / with_structured_output, or passed per call).
+STRUCTURE_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+# Content blocks an AIMessage may carry besides text: its tool calls, which `tool_calls` also holds.
+TOOL_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call"})
+StructuredMethod = Literal["json_schema", "json_mode", "function_calling"]
 
 
-def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages -> [{"role", "content"}] for the tokenizer's chat template (text only, no tools)."""
+def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages -> chat-template dicts: {"role", "content"}, plus assistant `tool_calls` and tool results.
+
+    Tool calls are `{"name", "arguments", "id"}`; a ToolMessage becomes `{"role": "tool", "content", "name",
+    "tool_call_id"}` (`hsd_rag.constrain.tool_calls` renders both for templates with or without tool support).
+    """
     if not messages:
         raise ValueError(
             f"{ADAPTER} got no messages: pass at least one, e.g. a HumanMessage with the question."
         )
     out = []
     for message in messages:
-        if isinstance(message, AIMessage) and message.tool_calls:
-            raise ValueError(
-                f"{ADAPTER} does not support tool calling (an AIMessage with tool_calls was given)."
-            )
+        extra: dict[str, Any] = {}
         if isinstance(message, SystemMessage):
             role = "system"
         elif isinstance(message, HumanMessage):
             role = "user"
         elif isinstance(message, AIMessage):
             role = "assistant"
-        elif isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant"):
+            if message.tool_calls:
+                extra["tool_calls"] = [
+                    {"name": c["name"], "arguments": c["args"], "id": c.get("id")} for c in message.tool_calls
+                ]
+        elif isinstance(message, ToolMessage):
+            role = "tool"
+            extra = {k: v for k, v in (("name", message.name), ("tool_call_id", message.tool_call_id)) if v}
+            if message.status == "error" and not message.text.lower().startswith("error"):
+                extra["content"] = f"Error: {message.text}"
+        elif isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant", "tool"):
             role = message.role
         else:
             raise ValueError(
-                f"{ADAPTER} supports system, human and ai messages only, got a {type(message).__name__} "
-                f"(type {message.type!r}); tool and function messages need tool calling, which it does not have."
+                f"{ADAPTER} supports system, human, ai and tool messages, got a {type(message).__name__} "
+                f"(type {message.type!r})."
             )
         if isinstance(message.content, list) and any(
-            not isinstance(block, str) and block.get("type") != "text" for block in message.content
+            not isinstance(block, str) and block.get("type") not in ("text", *TOOL_CALL_BLOCKS)
+            for block in message.content
         ):
             raise ValueError(f"{ADAPTER} takes text only; a {type(message).__name__} held non-text content.")
-        out.append({"role": role, "content": message.text})
+        out.append({"role": role, "content": message.text, **extra})
     return out
 
 
@@ -239,29 +275,43 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        """One chunk per generated token with text, then an empty last chunk with the stats and usage."""
+        """One chunk per generated token with text, then an empty last chunk with the stats and usage.
+
+        With tools bound, text that may be a tool call is held back; the last chunk carries the parsed calls
+        (`tool_call_chunks`), so `invoke` and an aggregated stream both end with `AIMessage.tool_calls`.
+        """
         timeout = call_timeout(kwargs, self.timeout, ADAPTER)
         decoder = self._decoder()
-        prompt, documents, settings = self._call_args(messages, stop, kwargs)
+        prompt, documents, settings, expects_calls = self._call_args(messages, stop, kwargs)
+        splitter = tool_calls.ToolCallSplitter() if expects_calls else None
         tokens = decoder.stream_tokens(prompt, documents, **settings)
         stream = DeadlineStream(tokens, timeout, lambda: len(decoder.encode_prompt(prompt)))
         pieces = iter(stream)
         try:
             for piece in pieces:
-                if not piece.text:  # an incomplete character or text held back for a stop string
+                text = splitter.feed(piece.text) if splitter else piece.text
+                if not text:  # an incomplete character, text held back for a stop string, or a tool call
                     continue
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
         finally:
             pieces.close()  # frees the decoder at once if the caller stops early
         result = stream.result
+        metadata = result_metadata(result, model_name(decoder))
+        content, call_chunks = "", []
+        if splitter:
+            content, calls, invalid = splitter.finish()
+            call_chunks = _tool_call_chunks(calls, invalid)
+            if calls:
+                metadata["finish_reason"] = "tool_calls"  # the OpenAI vocabulary agents look for
         last = ChatGenerationChunk(
             message=AIMessageChunk(
-                content="",
+                content=content,
+                tool_call_chunks=call_chunks,
                 usage_metadata=usage(result.stats),
-                response_metadata=result_metadata(result, model_name(decoder)),
+                response_metadata=metadata,
                 chunk_position="last",
             )
         )
@@ -312,15 +362,113 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         return settings
 
     def _call_args(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
-        """(chat messages, documents, generation kwargs) for one call; unknown kwargs raise ValueError."""
+        """(prompt, documents, generation kwargs, whether tool calls are parsed) for one call.
+
+        Unknown kwargs raise ValueError. The prompt is the chat messages, or token ids when tools are bound or
+        the history holds tool calls (the chat template then renders them, see `constrain.tool_calls`).
+        """
         kwargs = {k: v for k, v in kwargs.items() if k not in LANGCHAIN_CONTROL_KWARGS}
+        structure = {k: kwargs.pop(k) for k in STRUCTURE_KWARGS if k in kwargs}
         overrides, documents = split_call_kwargs(kwargs, ADAPTER)
-        prompt = to_chat_messages(messages)
+        chat = to_chat_messages(messages)
         settings = {**self._settings(), **overrides}
         stops = stop if stop is not None else self.stop
         if stops:
             settings["stop"] = list(stops)
-        return prompt, message_documents(messages) + document_texts(documents), settings
+        prompt, response_format, expects_calls = tool_calls.prepare_request(
+            self._decoder().tokenizer,
+            chat,
+            structure.get("tools"),
+            structure.get("tool_choice"),
+            bool(structure.get("parallel_tool_calls")),
+            structure.get("response_format"),
+        )
+        if response_format is not None:
+            settings["response_format"] = response_format
+        return prompt, message_documents(messages) + document_texts(documents), settings, expects_calls
+
+    # ---- tools and structured output ------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | Any],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """Bind tools (LangChain tools, functions, pydantic models, TypedDicts or OpenAI tool dicts).
+
+        The model's chat template renders them when it supports `tools=`; otherwise they are described in a
+        system message. Calls come back in `AIMessage.tool_calls`, with arguments constrained to each tool's
+        schema. tool_choice: None/"auto" (the model decides), "none", "any"/"required"/True (must call a tool),
+        or a tool's name (must call that tool). One call per turn unless `parallel_tool_calls=True`.
+        """
+        formatted = [convert_to_openai_tool(tool, strict=strict) for tool in tools]
+        tool_calls.choose_tools(formatted, tool_choice)  # an unknown tool name fails here, not at invoke time
+        return super().bind(
+            tools=formatted, tool_choice=tool_choice, parallel_tool_calls=bool(parallel_tool_calls), **kwargs
+        )
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: StructuredMethod = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """Outputs parsed into `schema` (pydantic class -> instance; TypedDict / JSON schema -> dict).
+
+        method: "json_schema" constrains the answer to the schema; "json_mode" to any JSON object (say what
+        you want in the prompt; `schema` then only parses); "function_calling" forces a call to a tool built
+        from the schema. All are lossless: the output is what the model decodes alone under the constraint.
+        include_raw: return {"raw": AIMessage, "parsed": ..., "parsing_error": ...} instead of raising.
+        """
+        if kwargs:
+            raise ValueError(f"{ADAPTER}.with_structured_output got unknown argument(s) {', '.join(kwargs)}.")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"with_structured_output(method={method!r}) needs a schema.")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic v2 or v1
+        trace = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, strict=strict, ls_structured_output_format=trace)
+            parser = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            response_format = (
+                JsonSchema(json_schema=convert_to_json_schema(schema)) if method == "json_schema" else "json_object"
+            )
+            bind_kwargs = {"ls_structured_output_format": trace} if schema is not None else {}
+            llm = self.bind(response_format=response_format, **bind_kwargs)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(
+                f"method={method!r} is not supported; use 'json_schema', 'json_mode' or 'function_calling'."
+            )
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        keep_raw = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([keep_raw], exception_key="parsing_error")
+
+
+def _tool_call_chunks(calls: list[tool_calls.ToolCall], invalid: list[tuple[str, str]]) -> list:
+    """Parsed calls (and unparsable ones, which LangChain files under invalid_tool_calls) as tool_call_chunks."""
+    chunks = [
+        tool_call_chunk(name=call.name, args=json.dumps(call.arguments, ensure_ascii=False), id=call.id, index=i)
+        for i, call in enumerate(calls)
+    ]
+    chunks += [
+        tool_call_chunk(name=None, args=raw, id=None, index=len(calls) + i) for i, (raw, _) in enumerate(invalid)
+    ]
+    return chunks
 
 
 def attach_documents(prompt: Runnable, key: str = "context", separator: str = PASSAGE_SEPARATOR) -> Runnable:

@@ -13,6 +13,9 @@ prompt are drafted from automatically. Extra chunks can be passed per call, `llm
 documents=[...])` or `llm.complete(prompt, documents=[...])` (strings, nodes or Documents); each generation
 builds its own drafter, so concurrent requests never draft from each other's chunks.
 
+Structured output and tools: `structured_predict` / `as_structured_llm` and function calling (`chat_with_tools`,
+`predict_and_call`, `FunctionAgent`) decode under a grammar (hsd_rag.constrain), still losslessly; see the class.
+
 Stats: `response.raw` is an OpenAI-shaped dict, {"model", "usage": {"prompt_tokens", "completion_tokens",
 "total_tokens"}, "finish_reason", "hsd_rag_stats": every GenerationStats field}, so LlamaIndex's own
 `TokenCountingHandler` counts exactly the tokens the model read and wrote; `response.additional_kwargs`
@@ -29,11 +32,14 @@ none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from pydantic import Field, PrivateAttr, model_validator
 
+from hsd_rag.constrain import tool_calls
+from hsd_rag.constrain.formats import JsonSchema
 from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.integrations_common import (
     API_KEY_MESSAGE,
@@ -58,7 +64,13 @@ from hsd_rag.integrations_common import (
 from hsd_rag.stats import GenerationResult
 
 try:
-    from llama_index.core.base.llms.types import TextBlock
+    from llama_index.core.base.llms.types import TextBlock, ToolCallBlock
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.events.llm import (
+        LLMStructuredPredictEndEvent,
+        LLMStructuredPredictInProgressEvent,
+        LLMStructuredPredictStartEvent,
+    )
     from llama_index.core.llms import (
         ChatMessage,
         ChatResponse,
@@ -72,6 +84,10 @@ try:
         MessageRole,
     )
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+    from llama_index.core.llms.function_calling import FunctionCallingLLM
+    from llama_index.core.llms.llm import ToolSelection
+    from llama_index.core.program.streaming_utils import process_streaming_content_incremental
+    from llama_index.core.types import PydanticProgramMode
 except ImportError as error:
     raise ImportError(
         f"hsd_rag.llama_index needs the optional package `llama-index-core`: `pip install llama-index-core` "
@@ -79,6 +95,9 @@ except ImportError as error:
     ) from error
 
 ADAPTER = "HybridSpecLLM"
+# Call kwargs that shape the output (set by chat_with_tools / structured_predict, or passed per call).
+STRUCTURE_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+dispatcher = get_dispatcher(__name__)
 DEFAULT_CONTEXT_WINDOW = 2048  # reported only for models whose config names no max_position_embeddings
 ROLES = {
     MessageRole.SYSTEM: "system",
@@ -87,11 +106,16 @@ ROLES = {
     MessageRole.ASSISTANT: "assistant",
     MessageRole.CHATBOT: "assistant",
     MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
 }
 
 
-def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """LlamaIndex messages -> [{"role", "content"}] for the tokenizer's chat template (text only, no tools)."""
+def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """LlamaIndex messages -> chat-template dicts: {"role", "content"}, plus assistant tool calls and tool results.
+
+    An assistant's calls are read from its ToolCallBlocks (or OpenAI-style `additional_kwargs["tool_calls"]`);
+    a tool message's call id from `additional_kwargs["tool_call_id"]`, as LlamaIndex's agents write them.
+    """
     if not messages:
         raise ValueError(
             f"{ADAPTER} got no messages: pass at least one, e.g. a user message with the question."
@@ -100,18 +124,47 @@ def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     for message in messages:
         if message.role not in ROLES:
             raise ValueError(
-                f"{ADAPTER} supports system, user and assistant messages only, got role {message.role.value!r}; "
-                "tool and function messages need tool calling, which it does not have."
+                f"{ADAPTER} supports system, user, assistant and tool messages, got role {message.role.value!r}."
             )
-        if any(not isinstance(block, TextBlock) for block in message.blocks):
+        if any(not isinstance(block, TextBlock | ToolCallBlock) for block in message.blocks):
             raise ValueError(
                 f"{ADAPTER} takes text only; a {message.role.value} message held non-text content."
             )
-        out.append({"role": ROLES[message.role], "content": message.content or ""})
+        entry: dict[str, Any] = {"role": ROLES[message.role], "content": message.content or ""}
+        calls = _message_tool_calls(message)
+        if calls:
+            entry["tool_calls"] = calls
+        if message.role == MessageRole.TOOL:
+            entry.update({k: message.additional_kwargs[k] for k in ("tool_call_id", "name") if k in message.additional_kwargs})
+        out.append(entry)
     return out
 
 
-class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
+def _message_tool_calls(message: ChatMessage) -> list[dict[str, Any]]:
+    calls = [
+        {"name": b.tool_name, "arguments": _arguments(b.tool_kwargs), "id": b.tool_call_id}
+        for b in message.blocks
+        if isinstance(b, ToolCallBlock)
+    ]
+    for call in message.additional_kwargs.get("tool_calls") or []:  # OpenAI shape, or this adapter's own
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        if "name" in function:
+            calls.append({"name": function["name"], "arguments": _arguments(function.get("arguments")),
+                          "id": call.get("id")})
+    return calls
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    """Tool arguments as a dict, whether given as a dict or as a JSON string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value or "{}")
+        except ValueError:
+            return {}
+    return dict(value or {})
+
+
+class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM, FunctionCallingLLM):
     """A local Hugging Face chat model decoded by HybridSpecDecoder: same output as plain decoding, faster.
 
     The model: `decoder` (already loaded) or `model=` / `head=` / `device=` / `dtype=` (loaded on first use).
@@ -119,6 +172,13 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
     (after a system message when `system_prompt` is set and the prompt is not `formatted`). Generation settings
     are fields and can be overridden per call; `documents=[...]` adds texts to draft from, `timeout=` sets a
     deadline.
+
+    Structured output (`structured_predict`, `as_structured_llm`) and function calling (`chat_with_tools`,
+    agents) run through the same lossless constrained decoding (`hsd_rag.constrain`): the output is what the
+    model decodes alone under the constraint, so it always parses. Tools are rendered by the chat template
+    when it takes `tools=`; otherwise (SmolLM2's template has no tool support) they are described in a
+    Hermes-style system message and the grammar makes every call well-formed, which is why every chat model
+    counts as a function-calling model here. Whether it picks the right tool is up to the model.
     """
 
     max_new_tokens: int = Field(
@@ -190,6 +250,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
             context_window=decoder.context_window or DEFAULT_CONTEXT_WINDOW,
             num_output=self.max_new_tokens,
             is_chat_model=True,
+            is_function_calling_model=getattr(decoder.tokenizer, "chat_template", None) is not None,
             model_name=model_name(decoder),
         )
 
@@ -220,21 +281,145 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._chat(self._generate(messages, kwargs))
+        return self._chat(self._generate(messages, kwargs), _parses_tool_calls(kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         stream = self._start(messages, kwargs)
-        return self._responses(stream, self._chat_piece)
+        return self._responses(stream, self._chat_piece, _parses_tool_calls(kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._chat(await generate_in_thread(lambda: self._start(messages, kwargs)))
+        parses_calls = _parses_tool_calls(kwargs)
+        return self._chat(await generate_in_thread(lambda: self._start(messages, kwargs)), parses_calls)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         stream = self._start(messages, kwargs)
-        return iterate_in_thread(lambda: self._responses(stream, self._chat_piece))
+        parses_calls = _parses_tool_calls(kwargs)
+        return iterate_in_thread(lambda: self._responses(stream, self._chat_piece, parses_calls))
+
+    # ---- function calling (FunctionCallingLLM) ------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """chat() arguments for a turn with tools: the calls are constrained to each tool's schema.
+
+        tool_choice: "auto" (default; "required" when `tool_required`), "none", or a tool's name.
+        """
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
+                            else user_msg)
+        return {
+            "messages": messages,
+            "tools": [tool.metadata.to_openai_tool() for tool in tools],
+            "tool_choice": tool_choice or ("required" if tool_required else "auto"),
+            "parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        calls = [
+            ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name,
+                          tool_kwargs=_arguments(block.tool_kwargs))
+            for block in response.message.blocks
+            if isinstance(block, ToolCallBlock)
+        ]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"Expected a tool call, but the model answered: {response.message.content!r}")
+        return calls
+
+    # ---- structured output: constrained to the output class's JSON schema ----------------------------------
+
+    def structured_predict(
+        self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Any:
+        """The output class filled in by a decode constrained to its JSON schema (always parses unless cut short).
+
+        Set `pydantic_program_mode` to anything but DEFAULT for LlamaIndex's prompt-based programs instead.
+        """
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        response = self.chat(messages, **kwargs)
+        return self._structured_result(output_cls, response)
+
+    async def astructured_predict(
+        self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Any:
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        response = await self.achat(messages, **kwargs)
+        return self._structured_result(output_cls, response)
+
+    def stream_structured_predict(
+        self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Iterator[Any]:
+        """Partial objects as the constrained JSON grows (LlamaIndex's own incremental parser), then the whole."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        return self._partial_objects(output_cls, self.stream_chat(messages, **kwargs))
+
+    async def astream_structured_predict(
+        self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> AsyncIterator[Any]:
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_call(output_cls, prompt, llm_kwargs, prompt_args)
+        responses = await self.astream_chat(messages, **kwargs)
+
+        async def partial_objects():
+            current = None
+            async for response in responses:
+                current = process_streaming_content_incremental(response, output_cls, current)
+                dispatcher.event(LLMStructuredPredictInProgressEvent(output=current))
+                yield current
+            dispatcher.event(LLMStructuredPredictEndEvent(output=current))
+
+        return partial_objects()
+
+    def _structured_call(self, output_cls, prompt, llm_kwargs, prompt_args) -> tuple[list[ChatMessage], dict]:
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
+        )
+        messages = prompt.format_messages(llm=self, **prompt_args)
+        schema = JsonSchema(json_schema=output_cls.model_json_schema())
+        return messages, {**(llm_kwargs or {}), "response_format": schema}
+
+    @staticmethod
+    def _structured_result(output_cls: type, response: ChatResponse) -> Any:
+        text = response.message.content or ""
+        if response.additional_kwargs.get("finish_reason") == "length":
+            raise ValueError(
+                f"The structured answer was cut at max_new_tokens before it was complete ({text[:60]!r}...): "
+                "raise max_new_tokens."
+            )
+        result = output_cls.model_validate_json(text)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    @staticmethod
+    def _partial_objects(output_cls: type, responses: Iterator[ChatResponse]) -> Iterator[Any]:
+        current = None
+        for response in responses:
+            current = process_streaming_content_incremental(response, output_cls, current)
+            dispatcher.event(LLMStructuredPredictInProgressEvent(output=current))
+            yield current
+        dispatcher.event(LLMStructuredPredictEndEvent(output=current))
 
     # ---- translation -----------------------------------------------------------------------------------------
 
@@ -248,6 +433,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
         """Validate the call and open the decoder's token stream (no model work until it is iterated)."""
         kwargs = dict(kwargs)
         timeout = call_timeout(kwargs, self.timeout, ADAPTER)
+        structure = {k: kwargs.pop(k) for k in STRUCTURE_KWARGS if k in kwargs}
         overrides, documents = split_call_kwargs(kwargs, ADAPTER)
         settings = {name: getattr(self, name) for name in GENERATION_KWARGS}
         if settings["method"] is None:
@@ -256,7 +442,17 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
         if self.stop:
             settings["stop"] = list(self.stop)
         carried = [text for m in messages for text in document_texts(m.additional_kwargs.get(DOCUMENTS_KEY))]
-        decoder, prompt = self.decoder, to_chat_messages(messages)
+        decoder = self.decoder
+        prompt, response_format, _ = tool_calls.prepare_request(
+            decoder.tokenizer,
+            to_chat_messages(messages),
+            structure.get("tools"),
+            structure.get("tool_choice"),
+            bool(structure.get("parallel_tool_calls")),
+            structure.get("response_format"),
+        )
+        if response_format is not None:
+            settings["response_format"] = response_format
         stream = decoder.stream_tokens(prompt, carried + document_texts(documents), **settings)
         return DeadlineStream(stream, timeout, lambda: len(decoder.encode_prompt(prompt)))
 
@@ -277,8 +473,12 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
             text=result.text, raw=self._raw(result), additional_kwargs=self._metadata(result)
         )
 
-    def _chat(self, result: GenerationResult) -> ChatResponse:
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text)
+    def _chat(self, result: GenerationResult, parses_calls: bool = False) -> ChatResponse:
+        if parses_calls:
+            content, calls, _ = tool_calls.parse_tool_calls(result.text)
+            message = _assistant_message(content, calls)
+        else:
+            message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text)
         return ChatResponse(message=message, raw=self._raw(result), additional_kwargs=self._metadata(result))
 
     @staticmethod
@@ -289,17 +489,39 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM):
     def _chat_piece(text: str, delta: str) -> ChatResponse:
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
 
-    def _responses(self, stream: DeadlineStream, piece: Callable[[str, str], Any]) -> Iterator[Any]:
-        """Cumulative text + delta per generated token, then a last response (empty delta) with the stats."""
+    def _responses(
+        self, stream: DeadlineStream, piece: Callable[[str, str], Any], parses_calls: bool = False
+    ) -> Iterator[Any]:
+        """Cumulative text + delta per generated token, then a last response (empty delta) with the stats.
+
+        When tool calls are parsed, text that may be a call is held back; the last response carries the calls.
+        """
         text = ""
+        splitter = tool_calls.ToolCallSplitter() if parses_calls else None
         pieces = iter(stream)
         try:
             for token in pieces:
-                if token.text:  # empty while a character is incomplete or text is held back for a stop string
-                    text += token.text
-                    yield piece(text, token.text)
+                delta = splitter.feed(token.text) if splitter else token.text
+                if delta:  # empty while a character is incomplete or text is held back (stop string, tool call)
+                    text += delta
+                    yield piece(text, delta)
         finally:
             pieces.close()  # frees the decoder at once if the caller stops early
-        last = piece(stream.result.text, "")
+        if splitter:
+            rest, calls, _ = splitter.finish()
+            last = ChatResponse(message=_assistant_message(text + rest, calls), delta=rest)
+        else:
+            last = piece(stream.result.text, "")
         last.raw, last.additional_kwargs = self._raw(stream.result), self._metadata(stream.result)
         yield last
+
+
+def _parses_tool_calls(kwargs: dict[str, Any]) -> bool:
+    return tool_calls.parses_tool_calls(kwargs.get("tools"), kwargs.get("tool_choice"))
+
+
+def _assistant_message(content: str, calls: list[tool_calls.ToolCall]) -> ChatMessage:
+    """An assistant message with its text and its tool calls as ToolCallBlocks (what agents read back)."""
+    blocks: list[Any] = [TextBlock(text=content)] if content else []
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)

@@ -18,8 +18,9 @@ import torch
 SOURCE_TARGET = 0  # the bonus token, sampled from the target itself
 SOURCE_NGRAM = 1
 SOURCE_EAGLE = 2
+SOURCE_GRAMMAR = 4  # tokens a response format forces (hsd_rag.constrain), drafted for free
 SOURCE_HISTORY = 8  # n-gram drafts copied from earlier answers of the same decoder (drafters/answer_history.py)
-SOURCE_NAMES = {SOURCE_NGRAM: "ngram", SOURCE_EAGLE: "eagle", SOURCE_HISTORY: "history"}
+SOURCE_NAMES = {SOURCE_NGRAM: "ngram", SOURCE_EAGLE: "eagle", SOURCE_GRAMMAR: "grammar", SOURCE_HISTORY: "history"}
 
 
 def source_names(mask: int) -> list[str]:

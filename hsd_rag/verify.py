@@ -118,6 +118,9 @@ def accept_sampling(
         residual_dist[rejected] = 0.0
         # float round-off can leave no mass when the drafts held (almost) all of it: fall back to p itself
         dist = torch.where(residual_dist.sum() > 0, residual_dist, dist)
+    # Under a grammar a stop token's row allows nothing (NaN after softmax); the loop cuts the output at that
+    # stop token, so its bonus is never used: draw it from anything rather than fail.
+    dist = torch.where(dist.sum() > 0, dist, torch.ones_like(dist))
     bonus = torch.multinomial(dist, 1, generator=generator).item()
     return Acceptance(path, int(bonus))
 

@@ -18,7 +18,7 @@ def chat_decoder():
 
 
 class TestHybridSpecLLMStandard(ChatModelUnitTests):
-    """Capability flags are the truth: no tools, no structured output, no images/audio/PDF, text in and out."""
+    """Capability flags are the truth: tools and structured output (constrained decoding); text in and out."""
 
     @pytest.fixture(autouse=True)
     def _decoder(self, chat_decoder):
@@ -40,11 +40,19 @@ class TestHybridSpecLLMStandard(ChatModelUnitTests):
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
 
     @property
     def returns_usage_metadata(self) -> bool:

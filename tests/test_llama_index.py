@@ -52,7 +52,7 @@ def timings(raw: dict) -> dict:
 def test_metadata_comes_from_the_decoder(llm, chat_decoder):
     meta = llm.metadata
     assert meta.context_window == chat_decoder.context_window == 512
-    assert meta.num_output == SHORT and meta.is_chat_model and not meta.is_function_calling_model
+    assert meta.num_output == SHORT and meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == "LlamaForCausalLM"  # a model built from a config has no path to name it by
     assert HybridSpecLLM.class_name() == "HybridSpecLLM"
 
@@ -177,8 +177,6 @@ def test_clear_errors(llm, chat_decoder):
         HybridSpecLLM(decoder=chat_decoder, temprature=0.1)
     with pytest.raises(ValueError, match="no messages"):
         llm.chat([])
-    with pytest.raises(ValueError, match="tool"):
-        llm.chat([*CHAT, ChatMessage(role=MessageRole.TOOL, content="42")])
     image = ChatMessage(
         role=MessageRole.USER,
         blocks=[TextBlock(text="What is this?"), ImageBlock(url="https://example.com/a.png")],

@@ -6,7 +6,8 @@ Names:
 - a path ending in `.jsonl` (format: hsd_rag.data.jsonl);
 - `ragbench:<subset>`: one of RAGBench's 12 subsets, documents capped to 2,800 tokens (hub_datasets);
 - `mmarco:<lang>`: mMARCO, 1 relevant + 9 BM25-ranked passages per query, 14 languages (mmarco);
-- `specbench-rag`: Spec-Bench's RAG category; `mtbench`: MT-bench first turns, a non-RAG control (hub_datasets).
+- `specbench-rag`: Spec-Bench's RAG category; `mtbench`: MT-bench first turns, a non-RAG control (hub_datasets);
+- `structured-en` / `-fr` / `-es`: the built-in prompts answered as JSON under a schema (bench.structured).
 Several names separated by commas are loaded one after the other, `limit` prompts each.
 
 The hub sets need the network on first use (and `datasets`, except mMARCO); their loaders raise ImportError or
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from hsd_rag.bench.context_cap import PROTOTYPE_CONTEXT_TOKENS
 from hsd_rag.bench.runner import BenchCase
+from hsd_rag.bench.structured import STRUCTURED_PREFIX, load_structured_cases
 
 # Prompts whose id hashes below this fraction are reserved for benchmarks; EAGLE head training uses the rest.
 HELDOUT_FRACTION = 0.25
@@ -29,7 +31,8 @@ SPECBENCH_RAG = "specbench-rag"
 MTBENCH = "mtbench"
 NAME_SEPARATOR = ","
 DATASET_NAMES_HELP = (
-    "builtin-en, builtin-fr, builtin-es, ragbench:<subset>, mmarco:<lang>, specbench-rag, mtbench or a .jsonl file"
+    "builtin-en, builtin-fr, builtin-es, ragbench:<subset>, mmarco:<lang>, specbench-rag, mtbench, "
+    "structured-en (-fr, -es) or a .jsonl file"
 )
 
 
@@ -68,6 +71,9 @@ def load_cases(name: str, limit: int | None = None, tokenizer=None,
     cases = []
     for part in (p.strip() for p in name.split(NAME_SEPARATOR)):
         if not part:
+            continue
+        if part.startswith(STRUCTURED_PREFIX):
+            cases.extend(load_structured_cases(part, limit))
             continue
         for e in _examples(part, limit, tokenizer, max_context_tokens):
             cases.append(BenchCase(e.id, part, format_messages(e), list(e.documents)))

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -34,12 +35,14 @@ class BenchCase:
     `prompt` is whatever `HybridSpecDecoder.generate` accepts: chat messages (the usual case, which needs a
     tokenizer with a chat template), a plain string, or token ids. `documents` are the texts the n-gram drafter
     indexes besides the prompt (empty for prompts that embed their context, or for non-RAG controls).
+    `response_format` constrains every run of the case, the HF baseline included (bench.structured).
     """
 
     id: str
     dataset: str
     prompt: list[dict] | str | list[int]
     documents: list[str] = field(default_factory=list)
+    response_format: Any = None
 
 
 @dataclass
@@ -111,6 +114,8 @@ class _FirstTokenClock:
 
 
 def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: float, seed: int) -> BenchRecord:
+    from hsd_rag.bench.structured import constrained_hf_processors
+
     model = decoder.model
     prompt = decoder.encode_prompt(case.prompt)
     ids = torch.tensor([prompt], device=model.device)
@@ -128,6 +133,7 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
             do_sample=temperature > 0,
             pad_token_id=decoder.tokenizer.pad_token_id,
             streamer=clock,
+            logits_processor=constrained_hf_processors(decoder, case.response_format),
             **sampling,
         )
     end = time.perf_counter()
@@ -148,7 +154,8 @@ def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_toke
         name, history = method[: -len(NO_HISTORY_SUFFIX)], False
     start = time.perf_counter()
     res = decoder.generate(case.prompt, documents=case.documents, method=name, budget=budget,
-                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, answer_history=history)
+                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, answer_history=history,
+                           response_format=case.response_format)
     wall = time.perf_counter() - start
     s = res.stats
     return BenchRecord(
