@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -110,6 +111,46 @@ def _cmd_qa(args) -> int:
     return answer_question(args)
 
 
+def _cmd_serve(args) -> int:
+    budget = args.budget
+    if budget not in (None, "auto"):
+        if not str(budget).isdigit():
+            raise ValueError(f"--budget must be a non-negative integer or 'auto', got {budget!r}.")
+        budget = int(budget)
+    if args.engine == "vllm":
+        return _serve_vllm(args, budget)
+    from hsd_rag.serve import ServerSettings, run
+
+    settings = ServerSettings(
+        model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout, default_max_tokens=args.max_tokens,
+        default_temperature=args.temperature, default_method=args.method, drain_timeout_s=args.drain_timeout,
+        max_prompt_tokens=args.max_prompt_tokens, max_documents=args.max_documents,
+        max_documents_chars=args.max_documents_chars, max_body_bytes=args.max_body_bytes,
+        answer_history=not args.no_answer_history,
+        **({} if budget is None else {"default_budget": budget}),
+    )
+    decoder = _decoder(args)
+    print(f"hsd-rag serve: OpenAI-compatible API on http://{args.host}:{args.port}/v1 "
+          f"(methods: {', '.join(decoder.available_methods())}; default {args.method or decoder.default_method}); "
+          f"metrics on /metrics", file=sys.stderr)
+    run(decoder, settings, host=args.host, port=args.port)
+    return 0
+
+
+def _serve_vllm(args, budget) -> int:
+    try:
+        from hsd_rag.engines.vllm.launch import serve
+    except ImportError as error:
+        raise ImportError(
+            f"--engine vllm needs vLLM and hsd_rag.engines.vllm ({error}). vLLM lives in its own venv: run "
+            "`bash scripts/setup_vllm.sh` and start `hsd-rag serve --engine vllm` from that venv."
+        ) from error
+    result = serve(model=args.target, host=args.host, port=args.port, speculative=args.method,
+                   num_speculative_tokens=budget if isinstance(budget, int) else None, api_key=args.api_key)
+    return result if isinstance(result, int) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsd-rag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=_cmd_qa)
+
+    from hsd_rag.serve.settings import ServerSettings
+
+    def d(name):  # the server's own default, so the flags never drift from ServerSettings
+        return ServerSettings.model_fields[name].default
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, SSE)")
+    _add_model_args(p)
+    p.add_argument("--model", dest="target", default=None, help="same as --target: hub id, local dir or .gguf")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: this package's decoder; vllm: vLLM with our drafter (needs scripts/setup_vllm.sh)")
+    p.add_argument("--method", default=None, help="default decoding method of requests that give none")
+    p.add_argument("--budget", default=None, help="default draft budget (int or 'auto'); vllm: speculative tokens")
+    p.add_argument("--no-answer-history", action="store_true",
+                   help="do not draft from earlier answers (requests fully isolated; outputs are the same either way)")
+    p.add_argument("--max-queue", type=int, default=d("max_queue"), help="requests that may wait; more get 429 + Retry-After")
+    p.add_argument("--api-key", default=os.environ.get("HSD_RAG_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $HSD_RAG_API_KEY, else none)")
+    p.add_argument("--request-timeout", type=float, default=d("request_timeout_s"), help="deadline per request in s, queue included")
+    p.add_argument("--max-tokens", type=int, default=d("default_max_tokens"), help="max_tokens of requests that give none")
+    p.add_argument("--temperature", type=float, default=d("default_temperature"),
+                   help="temperature of requests that give none (OpenAI's default 1; 0 = greedy)")
+    p.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: the model's)")
+    p.add_argument("--drain-timeout", type=float, default=d("drain_timeout_s"), help="on shutdown, s open requests may take")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: context window)")
+    p.add_argument("--max-documents", type=int, default=d("max_documents"), help="most `documents` per request")
+    p.add_argument("--max-documents-chars", type=int, default=d("max_documents_chars"), help="most characters in a request's documents")
+    p.add_argument("--max-body-bytes", type=int, default=d("max_body_bytes"), help="largest request body")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

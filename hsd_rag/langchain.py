@@ -44,6 +44,7 @@ from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.integrations_common import (
     API_KEY_MESSAGE,
     DOCUMENTS_KEY,
+    DOCUMENTS_KWARG,
     GENERATION_KWARGS,
     INSTALL_HINT,
     MAX_TOKENS_ALIAS,
@@ -506,3 +507,23 @@ def attach_documents(prompt: Runnable, key: str = "context", separator: str = PA
         return attach(await prompt.ainvoke(formatted, config), texts)
 
     return RunnableLambda(run, afunc=arun, name="attach_documents")
+
+
+def documents_in_extra_body(llm: Runnable, field: str = DOCUMENTS_KWARG) -> Runnable:
+    """Send the documents `attach_documents` attached as `extra_body={"documents": [...]}` of each call.
+
+    For a chat model talking to an OpenAI-compatible server (`ChatOpenAI(base_url=...)` against `hsd-rag serve`),
+    which cannot read our message field: `... | attach_documents(prompt) | documents_in_extra_body(llm)`. The
+    server puts them into that request's n-gram index. The model's own `extra_body` is kept.
+    """
+
+    def route(value: Any) -> Runnable:
+        messages = value.to_messages() if hasattr(value, "to_messages") else value
+        documents = message_documents(messages) if isinstance(messages, list) else []
+        if not documents:
+            return llm
+        extra = {**(getattr(llm, "extra_body", None) or {}), field: documents}
+        return llm.bind(extra_body=extra)
+
+    return RunnableLambda(route, name="documents_in_extra_body")
+

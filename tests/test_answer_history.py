@@ -94,6 +94,20 @@ def test_decoder_remembers_answers_only_and_stays_lossless(tiny_llama):
     assert len(dec.answer_history) == 1
 
 
+def test_a_seeded_sampled_request_gives_the_same_text_however_many_answers_came_before(tiny_llama):
+    from hsd_rag import HybridSpecDecoder
+
+    dec = HybridSpecDecoder(tiny_llama, IdTokenizer())
+    prompt = [3, 17, 29, 4, 17, 29, 4, 17]
+    runs = [dec.generate(prompt, max_new_tokens=24, method="ngram", budget=8, temperature=1.0, seed=11)
+            for _ in range(3)]
+    assert len(dec.answer_history) >= 1  # the answers were remembered...
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids  # ...but never drafted a seeded request
+    assert all("history" not in r.stats.drafted_by_source for r in runs)
+    greedy = [dec.generate(prompt, max_new_tokens=24, method="ngram", budget=8) for _ in range(2)]
+    assert greedy[1].stats.drafted_by_source.get("history", 0) > 0  # greedy requests do draft from them
+
+
 def test_concurrent_adds_and_queries_do_not_break_the_index():
     history = AnswerHistory(max_answers=8, max_tokens=200)
     errors = []

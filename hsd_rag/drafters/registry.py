@@ -18,8 +18,13 @@ def _eagle(decoder):
 
 
 def _ngram(decoder, cfg):
-    """N-gram drafts from the request's documents + prompt + answer, and from earlier answers unless disabled."""
-    history = getattr(decoder, "answer_history", None) if cfg.answer_history else None
+    """N-gram drafts from the request's documents + prompt + answer, and from earlier answers unless disabled.
+
+    A seeded sampled request skips earlier answers: they change which drafts a step holds and so which random
+    draws it makes, and the same seed must give the same text on every call.
+    """
+    seeded_sampling = cfg.seed is not None and not cfg.greedy
+    history = getattr(decoder, "answer_history", None) if cfg.answer_history and not seeded_sampling else None
     return NgramDrafter(history=history)
 
 
