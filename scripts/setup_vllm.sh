@@ -33,7 +33,7 @@ pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 # This package without its dependencies (they would replace vLLM's pinned transformers): vLLM imports
 # hsd_rag.engines.vllm.proposer from here; the drafters need only the standard library and torch.
 pip install -q --no-deps -e .
-pip install -q "pytest>=8" httpx  # tests_vllm/ runs in this venv
+pip install -q "pytest>=8" httpx platformdirs  # tests_vllm/ runs here; hsd_rag.loading finds its cache with platformdirs
 "$VENV/bin/python" -c "import vllm, arctic_inference, hsd_rag.engines.vllm.proposer" \
   || { echo "setup_vllm: the vLLM venv does not import; see the pip output above" >&2; exit 1; }
 rm -f "$VENV"/.hsd_rag-vllm-setup-*
