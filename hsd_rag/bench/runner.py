@@ -63,6 +63,8 @@ class BenchRecord:
     first_mismatch: int | None = None  # greedy only: index of the first token that differs from the baseline
     speedup: float | None = None  # tokens/s over HF generate's tokens/s on the same prompt, same run
     token_ids: list[int] = field(default_factory=list)
+    decode_s: float | None = None  # wall time once the prompt is in the cache (None: not measured)
+    decode_tokens: int | None = None  # tokens generated in decode_s (HF and vLLM emit the first in the prefill)
 
     @property
     def tau(self) -> float:
@@ -73,11 +75,33 @@ class BenchRecord:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if self.decode_s is None or self.decode_tokens is None or self.decode_s <= 0:
+            return None
+        return self.decode_tokens / self.decode_s
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["tau"] = self.tau
         out["tokens_per_s"] = self.tokens_per_s
         return out
+
+
+class _FirstTokenClock:
+    """A `generate` streamer that only notes when the first new token arrives (generate puts the prompt first)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: float, seed: int) -> BenchRecord:
@@ -88,6 +112,7 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
     sampling = dict(temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else {}
     if temperature > 0:
         torch.manual_seed(seed)
+    clock = _FirstTokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -96,14 +121,18 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             pad_token_id=decoder.tokenizer.pad_token_id,
+            streamer=clock,
             **sampling,
         )
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
     new = out[0, len(prompt) :].tolist()
     stop = "eos" if new and new[-1] in decoder.eos_token_ids else "length"
+    first = clock.first_token_at or end
     return BenchRecord(
         case.id, case.dataset, BASELINE, BASELINE_BUDGET, temperature, len(prompt), len(new), len(new), wall,
-        tokens_by_label={"target": len(new)}, stop_reason=stop, token_ids=new,
+        prefill_s=first - start, tokens_by_label={"target": len(new)}, stop_reason=stop, token_ids=new,
+        decode_s=end - first, decode_tokens=max(len(new) - 1, 0),
     )
 
 
@@ -120,6 +149,7 @@ def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_toke
         accepted_by_source=dict(s.accepted_by_source), drafted_by_source=dict(s.drafted_by_source),
         accepted_by_depth={int(d): n for d, n in s.accepted_by_depth.items()},
         tokens_by_label=dict(Counter(res.token_sources)), stop_reason=s.stop_reason, token_ids=list(res.token_ids),
+        decode_s=wall - s.prefill_s, decode_tokens=s.new_tokens,
     )
 
 
@@ -153,20 +183,26 @@ def run_benchmark(
     seed: int = 0,
     warmup: bool = True,
     progress: bool = True,
+    peers=None,
 ) -> list[BenchRecord]:
-    """Run HF generate and each (method, budget) on every case; returns one record per run."""
+    """Run HF generate and each (method, budget) on every case; returns one record per run.
+
+    `peers`: a running hsd_rag.bench.peers.PeerPool whose engines join the rotation (one variant each).
+    """
     budgets = list(budgets)
     variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
+    variants += [(name, None) for name in (peers.names if peers is not None else [])]
     if warmup and cases:  # first calls pay one-off costs (allocator, kernels): keep them out of the timings
         for method, budget in variants:
-            _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed)
+            _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed,
+                 peers)
     records: list[BenchRecord] = []
     bar = tqdm(total=len(cases) * len(variants), disable=not progress, desc="bench", unit="run")
     for i, case in enumerate(cases):
         shift = i % len(variants)
         per_case = []
         for method, budget in variants[shift:] + variants[:shift]:
-            rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed)
+            rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers)
             per_case.append(rec)
             bar.update(1)
             bar.set_postfix(method=method, tau=f"{rec.tau:.2f}")
@@ -176,7 +212,9 @@ def run_benchmark(
     return records
 
 
-def _run(decoder, case, method, budget, max_new_tokens, temperature, seed) -> BenchRecord:
+def _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers=None) -> BenchRecord:
+    if peers is not None and method in peers.names:
+        return peers.run(method, decoder.encode_prompt(case.prompt), case, max_new_tokens, temperature, seed)
     if method == BASELINE:
         return _hf_generate(decoder, case, max_new_tokens, temperature, seed)
     return _ours(decoder, case, method, budget, max_new_tokens, temperature, seed)

