@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,4,12,32", help="concurrent requests, comma-separated")
     parser.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency (at least 4)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every engine (0: engine default)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of every engine (0: engine default)")
     parser.add_argument("--out", default=None, help="write results.json, report.md, logs and the HF cache here")
     args = parser.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
