@@ -2,11 +2,13 @@
 
 Engines, one after the other in one run, on the same prompts (built-in RAG prompts, en/fr/es held-out, greedy):
 our server (`python -m hsd_rag.cli serve`), vLLM plain, vLLM ngram, vLLM suffix and vLLM with our proposer.
-Every output is checked against HF `generate`'s greedy answer (cached in --out/references.json). Each level
-gets its own prompts, so neither vLLM's prefix cache nor an earlier-answers index replays a previous level.
+All engines are up at once and take turns level by level (order reversed every other round), so a busy machine
+slows them alike. Every output is checked against HF `generate`'s greedy answer (cached in
+--out/references.json). Each level and round gets its own prompts, so neither vLLM's prefix cache nor an
+earlier-answers index replays earlier answers.
 
     python scripts/load_bench.py --out bench-out/load                      # everything
-    python scripts/load_bench.py --engines vllm-suffix,vllm-hsd --levels 1,12
+    python scripts/load_bench.py --engines vllm-suffix,vllm-hsd --levels 1,12 --sequential   # less RAM
 
 Run from the project venv; vLLM engines need `make vllm-setup`.
 """
@@ -21,9 +23,10 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from hsd_rag.bench.load import Reference, hf_references, markdown, run_level
+from hsd_rag.bench.load import LevelResult, Reference, hf_references, markdown, run_level
 from hsd_rag.bench.peers import free_port
 
 VLLM_ENGINES = {  # name -> (speculative method, num_speculative_tokens), as in hsd-rag bench --peers
@@ -36,7 +39,7 @@ OUR_SERVER = "hsd-serve"
 ENGINES = (OUR_SERVER, *VLLM_ENGINES)
 LANGUAGES = ("en", "fr", "es")
 WARMUP_REQUESTS = 2
-KV_CACHE_BYTES = 3 * 2**29  # 1.5 GiB: 32 requests of ~800 tokens of the 135M default model in fp32
+KV_CACHE_BYTES = 5 * 2**28  # 1.25 GiB: 32 requests of ~800 tokens of the 135M default model in fp32 (46 KB each)
 MAX_MODEL_LEN = 4096
 
 
@@ -130,19 +133,20 @@ def _vllm_server(name: str, threads: int | None, log_path: Path):
     from hsd_rag.engines.vllm.launch import VllmServer
 
     speculative, k = VLLM_ENGINES[name]
-    server = VllmServer(None, "127.0.0.1", free_port(), speculative, k, cpu_cores="nobind" if threads else None,
-                        dtype="float32", enforce_eager=True, kv_cache_bytes=KV_CACHE_BYTES,
-                        max_model_len=MAX_MODEL_LEN, log_path=log_path)
-    if threads:
-        server.env["OMP_NUM_THREADS"] = str(threads)
-    return server
+    return VllmServer(None, "127.0.0.1", free_port(), speculative, k, threads=threads, dtype="float32",
+                      enforce_eager=True, kv_cache_bytes=KV_CACHE_BYTES, max_model_len=MAX_MODEL_LEN,
+                      log_path=log_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--levels", default="1,4,12,32", help="concurrent requests, comma-separated")
-    parser.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency (at least 4)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds per level, engine order reversed every other round (each round: its own "
+                             "max(4, concurrency) prompts, the same for every engine)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one engine at a time (less RAM; fairness then depends on a steady machine)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every engine (0: engine default)")
     parser.add_argument("--out", default=None, help="write results.json, report.md, logs and the HF cache here")
@@ -151,56 +155,88 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         parser.error(f"unknown engine(s) {', '.join(unknown)}; use {', '.join(ENGINES)}")
+    if OUR_SERVER in engines and not _serve_help():
+        print(f"{OUR_SERVER}: skipped: this checkout has no `hsd-rag serve` subcommand yet (issue 12 item 1)",
+              file=sys.stderr)
+        engines.remove(OUR_SERVER)
     levels = [int(c) for c in args.levels.split(",")]
-    sizes = [max(4, args.waves * c) for c in levels]
+    # (level, round) -> prompt indices; every engine gets the same ones, no two levels or rounds share any.
+    plan, offset = [], WARMUP_REQUESTS
+    for concurrency in levels:
+        for round_ in range(args.rounds):
+            size = max(4, concurrency)
+            plan.append((concurrency, round_, range(offset, offset + size)))
+            offset += size
     out = Path(args.out) if args.out else None
     log_dir = out / "logs" if out else Path(os.environ.get("TMPDIR", "/tmp")) / "hsd_rag-load-bench"
     log_dir.mkdir(parents=True, exist_ok=True)
-
-    prompts, documents = prompt_pool(WARMUP_REQUESTS + sum(sizes))
-    refs = references(prompts[WARMUP_REQUESTS:], args.max_tokens, out, args.threads or None)
+    prompts, documents = prompt_pool(offset)
+    refs = [None] * WARMUP_REQUESTS + references(prompts[WARMUP_REQUESTS:], args.max_tokens, out,
+                                                 args.threads or None)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_at_start = os.getloadavg()[0]
-    results = []
-    for engine in engines:
-        if engine == OUR_SERVER and not _serve_help():
-            print(f"{OUR_SERVER}: skipped: this checkout has no `hsd-rag serve` subcommand yet (issue 12 item 1)",
-                  file=sys.stderr)
-            continue
-        print(f"{engine}: starting ...", file=sys.stderr)
-        port = free_port()
-        server = (OurServer(port, args.threads or None, log_dir / f"{engine}.log") if engine == OUR_SERVER
-                  else _vllm_server(engine, args.threads or None, log_dir / f"{engine}.log"))
-        with server:
-            model = server.model_name() if engine == OUR_SERVER else server.model_dir
-            send_documents = engine in (OUR_SERVER, "vllm-hsd")
-            asyncio.run(run_level(server.base_url, engine, model, prompts[:WARMUP_REQUESTS], None,
-                                  [None] * WARMUP_REQUESTS, 1, 8))
-            offset = WARMUP_REQUESTS
-            for concurrency, size in zip(levels, sizes, strict=True):
-                batch = slice(offset, offset + size)
-                result = asyncio.run(run_level(
-                    server.base_url, engine, model, prompts[batch], documents[batch] if send_documents else None,
-                    refs[offset - WARMUP_REQUESTS : offset - WARMUP_REQUESTS + size], concurrency, args.max_tokens,
-                ))
-                offset += size
-                results.append(result)
-                print(f"{engine} x{concurrency}: {result.tokens_per_s:.1f} tokens/s, p50 {result.latency(0.5):.2f} s,"
-                      f" mismatches {result.mismatches}/{result.compared}, errors {len(result.errors)}",
-                      file=sys.stderr)
-                for error in result.errors[:3]:
-                    print(f"  {error}", file=sys.stderr)
-    table = markdown(results)
-    ratios = _ratio_lines(results, "vllm-hsd", "vllm-suffix")
-    header = (f"Load benchmark, {started}: {len(prompts) - WARMUP_REQUESTS} built-in RAG prompts (en/fr/es held-out, "
-              f"distinct per level), greedy, max_tokens {args.max_tokens}, {args.threads or 'default'} thread(s) per "
-              f"engine, one engine at a time; machine load average at start {load_at_start:.1f} on {os.cpu_count()} "
-              f"cores. Command: `python scripts/load_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    threads = args.threads or None
+    servers = {e: (OurServer(free_port(), threads, log_dir / f"{e}.log") if e == OUR_SERVER
+                   else _vllm_server(e, threads, log_dir / f"{e}.log")) for e in engines}
+    results: dict[tuple[str, int], LevelResult] = {}
+    groups = [engines] if not args.sequential else [[e] for e in engines]
+    for group in groups:
+        with ExitStack() as stack:
+            print(f"starting {', '.join(group)} ...", file=sys.stderr)
+            vllm_servers = [servers[e] for e in group if e != OUR_SERVER]
+            for server in vllm_servers:  # start them all, then wait: cold starts overlap
+                stack.callback(server.stop)
+                server.start()
+            for server in vllm_servers:
+                server.wait_ready()
+            if OUR_SERVER in group:
+                stack.enter_context(servers[OUR_SERVER])
+            for engine in group:  # first requests pay one-off costs
+                _level(servers[engine], engine, prompts, documents, refs, range(WARMUP_REQUESTS), 1, 8)
+            for concurrency, round_, indices in plan:
+                order = group if round_ % 2 == 0 else group[::-1]
+                for engine in order:
+                    part = _level(servers[engine], engine, prompts, documents, refs, indices, concurrency,
+                                  args.max_tokens)
+                    _merge(results, part)
+                    print(f"{engine} x{concurrency} round {round_}: {part.tokens_per_s:.1f} tokens/s, "
+                          f"p50 {part.latency(0.5):.2f} s, mismatches {part.mismatches}/{part.compared}, "
+                          f"errors {len(part.errors)} (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+                    for error in part.errors[:3]:
+                        print(f"  {error}", file=sys.stderr)
+    ordered = sorted(results.values(), key=lambda r: (engines.index(r.engine), r.concurrency))
+    table = markdown(ordered)
+    ratios = _ratio_lines(ordered, "vllm-hsd", "vllm-suffix")
+    how = "one engine at a time" if args.sequential else "all engines up, rotating per level and round"
+    header = (f"Load benchmark, {started}: {offset - WARMUP_REQUESTS} built-in RAG prompts (en/fr/es held-out, "
+              f"distinct per level and round, the same for every engine), greedy, max_tokens {args.max_tokens}, "
+              f"{args.threads or 'default'} thread(s) per engine, {args.rounds} round(s) per level, {how}; machine "
+              f"load average at start {load_at_start:.1f} on {os.cpu_count()} cores. Command: "
+              f"`python scripts/load_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     print(header + "\n\n" + table + ratios)
     if out:
         (out / "report.md").write_text(header + "\n\n" + table + "\n" + ratios)
-        (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    return 1 if any(r.mismatches or r.errors for r in results) else 0
+        (out / "results.json").write_text(json.dumps([r.__dict__ for r in ordered], indent=1))
+    return 1 if any(r.mismatches or r.errors for r in ordered) else 0
+
+
+def _level(server, engine, prompts, documents, refs, indices, concurrency, max_tokens) -> LevelResult:
+    model = server.model_name() if engine == OUR_SERVER else server.model_dir
+    docs = [documents[i] for i in indices] if engine in (OUR_SERVER, "vllm-hsd") else None
+    return asyncio.run(run_level(server.base_url, engine, model, [prompts[i] for i in indices], docs,
+                                 [refs[i] for i in indices], concurrency, max_tokens))
+
+
+def _merge(results: dict, part: LevelResult) -> None:
+    """Add one round to its (engine, concurrency) total: tokens and seconds summed, latencies pooled."""
+    total = results.setdefault((part.engine, part.concurrency), LevelResult(part.engine, part.concurrency, 0, 0, 0.0))
+    total.requests += part.requests
+    total.completion_tokens += part.completion_tokens
+    total.wall_s += part.wall_s
+    total.latencies_s += part.latencies_s
+    total.mismatches += part.mismatches
+    total.compared += part.compared
+    total.errors += part.errors
 
 
 def _ratio_lines(results, ours: str, peer: str) -> str:

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when tests run beside other work.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread by default: the tests' models are small (an OpenMP barrier per op costs more than a second core
+# gives), and beside other work two threads per process oversubscribe the cores badly. HSD_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("HSD_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

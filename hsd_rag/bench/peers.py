@@ -10,8 +10,8 @@ compared token for token with HF's. Timing, at the client:
 - forwards: from vLLM's own counters (/metrics, scraped around each request, outside the timed span): one
   request at a time, every step emits its accepted drafts plus one token, so forwards = tokens - accepted.
 
-Threads: with `threads` set, every peer's OpenMP threads are left unbound (`VLLM_CPU_OMP_THREADS_BIND=nobind`)
-and limited to `threads` (OMP_NUM_THREADS), as torch's own threads are for HF `generate` and our methods.
+Threads: with `threads` set, every peer's thread pools (OpenMP, numba) are capped at `threads` unbound threads
+(`launch.server_env`), as torch's own threads are for HF `generate` and our methods.
 Memory: vLLM's CPU build reserves host RAM for its KV cache; peers get `PEER_KV_CACHE_BYTES` each (~5.8k tokens
 of the 135M default model, enough for one request of `PEER_MAX_MODEL_LEN`) and at most `PEER_MAX_NUM_SEQS`.
 """
@@ -90,13 +90,11 @@ class PeerPool:
                 spec = PEERS[name]
                 server = VllmServer(
                     self.model, "127.0.0.1", free_port(), spec.speculative, spec.num_speculative_tokens,
-                    cpu_cores="nobind" if self.threads else None, dtype="float32", enforce_eager=True,
+                    threads=self.threads, dtype="float32", enforce_eager=True,
                     kv_cache_bytes=PEER_KV_CACHE_BYTES, max_model_len=PEER_MAX_MODEL_LEN,
                     extra_args=["--max-num-seqs", str(PEER_MAX_NUM_SEQS)],
                     log_path=self.log_dir / f"{name}.log" if self.log_dir else None,
                 )
-                if self.threads:
-                    server.env["OMP_NUM_THREADS"] = str(self.threads)
                 self._stack.callback(server.stop)
                 self.servers[name] = server.start()
             for server in self.servers.values():
@@ -173,7 +171,7 @@ def describe(pool: PeerPool) -> str:
     dist = sorted(vllm_python().parent.parent.glob("lib/python*/site-packages/vllm*-*.dist-info"))
     version = dist[0].name.removesuffix(".dist-info").replace("_", "-") if dist else "vLLM"
     methods = ", ".join(f"{n} ({PEERS[n].speculative}, k={PEERS[n].num_speculative_tokens})" for n in pool.names)
-    threads = f"{pool.threads} OpenMP thread(s), unbound" if pool.threads else "vLLM's default thread binding"
+    threads = f"{pool.threads} thread(s), unbound" if pool.threads else "vLLM's default thread binding"
     return f"{version}, fp32, eager, {threads}; loopback OpenAI servers: {methods}"
 
 

@@ -123,9 +123,10 @@ def test_server_command_per_method(cpu_venv):
 
 
 def test_server_env_imports_this_checkout_and_binds_threads(cpu_venv):
-    env = launch.server_env("/m", "/inbox", cpu_cores="nobind", python=cpu_venv, preload_openmp=True)
+    env = launch.server_env("/m", "/inbox", threads=1, python=cpu_venv, preload_openmp=True)
     assert env["PYTHONPATH"].split(":")[0] == str(launch._checkout_root())
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert env["OMP_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == "1"  # every pool: torch's and numba's (ngram)
     assert env["LD_PRELOAD"].startswith(str(cpu_venv.parent.parent / "lib" / launch.INTEL_OPENMP))
     assert launch.INTEL_OPENMP not in launch.server_env("/m", "/inbox", python=cpu_venv).get("LD_PRELOAD", "")
 

@@ -119,18 +119,25 @@ def server_command(
     return cmd + list(extra_args)
 
 
-def server_env(model_dir: str, documents_dir: str, cpu_cores: str | None = None, python: Path | None = None,
-               preload_openmp: bool = False) -> dict[str, str]:
+def server_env(model_dir: str, documents_dir: str, threads: int | None = None, cpu_cores: str | None = None,
+               python: Path | None = None, preload_openmp: bool = False) -> dict[str, str]:
     """Environment of the server: this checkout first on the path (vLLM's worker imports our proposer from
-    it), the documents inbox, and on the CPU build the cores vLLM's OpenMP threads are bound to ("nobind":
-    unbound, OMP_NUM_THREADS of them). `preload_openmp` preloads Intel's OpenMP as vLLM's CPU install guide
-    suggests (it warns of "significant performance loss" for speculative decoding without it); measured
-    interleaved on this 2-core box it gained nothing (docs/VLLM.md), so it is off by default."""
+    it) and the documents inbox; on the CPU build, threads and Intel OpenMP.
+
+    `threads`: every thread pool the engine uses is capped at that many unbound threads: OpenMP (torch's
+    kernels) and numba's pool (vLLM's `ngram` proposer: left at one thread per core, its idle workers starve the
+    model's thread on a busy box; measured 0.5 vs 5.9 tokens/s here). `cpu_cores` instead binds one OpenMP
+    thread per listed core (vLLM's `VLLM_CPU_OMP_THREADS_BIND`, e.g. "0-3"). `preload_openmp` preloads Intel's
+    OpenMP as vLLM's CPU guide suggests ("significant performance loss" for speculative decoding without it);
+    measured interleaved on this 2-core box it gained nothing (docs/VLLM.md), so it is off by default.
+    """
     python = python or vllm_python()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_checkout_root()), env.get("PYTHONPATH")) if p)
     env[DOCUMENTS_DIR_ENV] = documents_dir
     env[TOKENIZER_ENV] = model_dir
+    if threads is not None:
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
     if cpu_cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
     iomp = python.parent.parent / "lib" / INTEL_OPENMP
@@ -142,12 +149,14 @@ def server_env(model_dir: str, documents_dir: str, cpu_cores: str | None = None,
 class VllmServer:
     """A vLLM OpenAI server subprocess; `with VllmServer(...) as server:` waits until it serves, then stops it.
 
-    Keyword arguments are `server_command`'s. `log_path` receives the server's output (a temp file if None).
+    `threads`, `cpu_cores`, `preload_openmp` are `server_env`'s; other keyword arguments are `server_command`'s.
+    `log_path` receives the server's output (a temp file if None).
     """
 
     def __init__(self, model: str | None, host: str = "127.0.0.1", port: int = 8000, speculative: str = "hsd",
-                 num_speculative_tokens: int = 8, api_key: str | None = None, *, cpu_cores: str | None = None,
-                 preload_openmp: bool = False, log_path: str | os.PathLike | None = None, **options):
+                 num_speculative_tokens: int = 8, api_key: str | None = None, *, threads: int | None = None,
+                 cpu_cores: str | None = None, preload_openmp: bool = False,
+                 log_path: str | os.PathLike | None = None, **options):
         from hsd_rag.engines.vllm.model_dir import vllm_model_dir
 
         self.model_dir = vllm_model_dir(model)
@@ -156,7 +165,8 @@ class VllmServer:
         self._documents_dir = tempfile.mkdtemp(prefix="hsd_rag-vllm-documents-")
         self.command = server_command(self.model_dir, host, port, speculative, num_speculative_tokens, api_key,
                                       **options)
-        self.env = server_env(self.model_dir, self._documents_dir, cpu_cores, options.get("python"), preload_openmp)
+        self.env = server_env(self.model_dir, self._documents_dir, threads, cpu_cores, options.get("python"),
+                              preload_openmp)
         self.log_path = Path(log_path) if log_path else Path(self._documents_dir).with_suffix(".log")
         self.process: subprocess.Popen | None = None
 
