@@ -37,10 +37,6 @@ from hsd_rag.engines.vllm.request_state import RequestDrafts
 ANSWERS_ENV = "HSD_RAG_VLLM_ANSWERS"
 COST_PROFILE_ENV = "HSD_RAG_VLLM_COST_PROFILE"
 MAX_PARKED = 64  # requests that left the batch, kept in case they were preempted and come back
-# Verification cost of vLLM's CPU build vs tokens in the forward (relative to one token), measured with
-# SmolLM2-135M fp32, eager, 1 thread, ~600-token contexts (docs/VLLM.md: how). Used on CPU unless
-# HSD_RAG_VLLM_COST_PROFILE names a measured profile; other devices use hsd_rag.budget's defaults.
-VLLM_CPU_PROFILE = {"tokens": [1, 8, 16, 30, 60], "relative_cost": [1.0, 1.5, 1.8, 2.4, 3.3]}
 
 
 class HsdNgramProposer:
@@ -129,9 +125,10 @@ class HsdNgramProposer:
 
 
 def _cost_profile(device_type: str) -> CostProfile:
+    """The engine's verification cost curve: a measured one from $HSD_RAG_VLLM_COST_PROFILE, else hsd_rag.budget's
+    default for the device (on CPU the HF curve of FIELD-NOTES §2: vLLM's own could not be measured apart from
+    the noise of the shared box this was built on)."""
     path = os.environ.get(COST_PROFILE_ENV)
     if path:
         return CostProfile.load(Path(path))
-    if device_type == "cpu":
-        return CostProfile(**VLLM_CPU_PROFILE, device="cpu", model="vllm-cpu")
     return CostProfile.default_for(device_type)
