@@ -137,8 +137,8 @@ class PeerPool:
                 finish = choice.get("finish_reason") or finish
         wall = time.perf_counter() - start
         after = self._counters(server)
-        drafted = after["drafted"] - before["drafted"]
-        accepted = after["accepted"] - before["accepted"]
+        drafted = round(after["drafted"] - before["drafted"])  # Prometheus counters are floats
+        accepted = round(after["accepted"] - before["accepted"])
         first_token_s = (first_token_at - start) if first_token_at is not None else wall
         spec = PEERS[name].speculative
         record = BenchRecord(

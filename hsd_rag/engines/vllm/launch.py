@@ -167,6 +167,7 @@ class VllmServer:
                                       **options)
         self.env = server_env(self.model_dir, self._documents_dir, threads, cpu_cores, options.get("python"),
                               preload_openmp)
+        self._temporary_log = log_path is None
         self.log_path = Path(log_path) if log_path else Path(self._documents_dir).with_suffix(".log")
         self.process: subprocess.Popen | None = None
 
@@ -208,6 +209,8 @@ class VllmServer:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         shutil.rmtree(self._documents_dir, ignore_errors=True)
+        if self._temporary_log:
+            self.log_path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
