@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write records.jsonl, report.md and plots here")
     p.add_argument("--peers", default=None,
                    help="vLLM engines run on the same prompts, interleaved, comma-separated: vllm, vllm-ngram, "
-                        "vllm-suffix, vllm-hsd (vLLM with our proposer); needs `make vllm-setup`")
+                        "vllm-suffix, vllm-hsd (vLLM with our proposer), vllm-eagle3; needs `make vllm-setup`")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tune", help="measure verification cost vs tree size on this device (for budget='auto')")

@@ -43,6 +43,7 @@ PEERS: dict[str, PeerSpec] = {
     "vllm-ngram": PeerSpec("ngram", 8),
     "vllm-suffix": PeerSpec("suffix", 16),
     "vllm-hsd": PeerSpec("hsd", 16),
+    "vllm-eagle3": PeerSpec("eagle3", 4),  # vLLM's EAGLE-3 with our shipped head (default model only)
 }
 PEER_KV_CACHE_BYTES = 256 * 2**20
 PEER_MAX_MODEL_LEN = 4096

@@ -116,10 +116,12 @@ def test_server_command_per_method(cpu_venv):
     assert hsd[hsd.index("--kv-cache-memory-bytes") + 1] == str(launch.CPU_KV_CACHE_BYTES)  # CPU build
     assert spec_of(launch.server_command("/m", "h", 1, "suffix", 16, python=cpu_venv))["method"] == "suffix"
     assert spec_of(launch.server_command("/m", "h", 1, "ngram", 8, python=cpu_venv))["prompt_lookup_max"] == 4
+    eagle = spec_of(launch.server_command("/m", "h", 1, "eagle3", 4, python=cpu_venv))
+    assert eagle["method"] == "eagle3" and eagle["model"].endswith("smollm2-135m-instruct-eagle3")  # shipped head
     plain = launch.server_command("/m", "h", 1, "none", python=cpu_venv)
     assert spec_of(plain) is None and "--middleware" not in plain
-    with pytest.raises(ValueError, match="eagle"):
-        launch.server_command("/m", "h", 1, "eagle", python=cpu_venv)
+    with pytest.raises(ValueError, match="eagle3"):
+        launch.server_command("/m", "h", 1, "medusa", python=cpu_venv)
 
 
 def test_server_env_imports_this_checkout_and_binds_threads(cpu_venv):

@@ -27,8 +27,8 @@ from typing import Literal
 
 from hsd_rag.engines.vllm.documents import DOCUMENTS_DIR_ENV, TOKENIZER_ENV
 
-Speculative = Literal["hsd", "ngram", "suffix", "none"]
-SPECULATIVE_METHODS: tuple[str, ...] = ("hsd", "ngram", "suffix", "none")
+Speculative = Literal["hsd", "ngram", "suffix", "eagle3", "none"]
+SPECULATIVE_METHODS: tuple[str, ...] = ("hsd", "ngram", "suffix", "eagle3", "none")
 PROPOSER_CLASS = "hsd_rag.engines.vllm.proposer.HsdNgramProposer"
 MIDDLEWARE_CLASS = "hsd_rag.engines.vllm.documents.DocumentsMiddleware"
 VENV_ENV = "HSD_RAG_VLLM_VENV"  # overrides where the vLLM venv is
@@ -47,8 +47,11 @@ class VllmUnavailableError(RuntimeError):
     """The vLLM venv is missing or its server did not come up; the message says how to fix it."""
 
 
-def speculative_config(speculative: str, num_speculative_tokens: int) -> dict | None:
-    """vLLM's `--speculative-config` for one of SPECULATIVE_METHODS (None: plain decoding)."""
+def speculative_config(speculative: str, num_speculative_tokens: int, draft_model: str | None = None) -> dict | None:
+    """vLLM's `--speculative-config` for one of SPECULATIVE_METHODS (None: plain decoding).
+
+    "eagle3" is vLLM's own EAGLE-3 with a head in the official layout: `draft_model`, by default the head this
+    package ships for its default target (vLLM loads it as is)."""
     if speculative not in SPECULATIVE_METHODS:
         raise ValueError(f"Unknown speculative method {speculative!r}: use one of {', '.join(SPECULATIVE_METHODS)}.")
     if num_speculative_tokens < 1:
@@ -59,6 +62,15 @@ def speculative_config(speculative: str, num_speculative_tokens: int) -> dict | 
         return {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": num_speculative_tokens}
     if speculative == "ngram":
         return {"method": "ngram", "num_speculative_tokens": num_speculative_tokens, **NGRAM_LOOKUP}
+    if speculative == "eagle3":
+        if draft_model is None:
+            from hsd_rag.loading import shipped_head_dir
+
+            head = shipped_head_dir()
+            if head is None:
+                raise ValueError("speculative='eagle3' needs an EAGLE-3 head directory (draft_model=...).")
+            draft_model = str(head)
+        return {"method": "eagle3", "model": draft_model, "num_speculative_tokens": num_speculative_tokens}
     return {"method": "suffix", "num_speculative_tokens": num_speculative_tokens}
 
 
@@ -93,13 +105,14 @@ def server_command(
     kv_cache_bytes: int | None = None,
     max_model_len: int | None = None,
     served_model_name: str | None = None,
+    draft_model: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The argv that starts vLLM's OpenAI server with this configuration."""
     python = python or vllm_python()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--host", host, "--port", str(port), "--dtype", dtype]
-    spec = speculative_config(speculative, num_speculative_tokens)
+    spec = speculative_config(speculative, num_speculative_tokens, draft_model)
     if spec is not None:
         cmd += ["--speculative-config", json.dumps(spec)]
     if speculative == "hsd":
@@ -241,8 +254,9 @@ def serve(
 ) -> None:
     """Serve `model` (None: the embedded default) with vLLM's OpenAI API until interrupted.
 
-    `speculative`: "hsd" (our n-gram drafter as vLLM's proposer, with the `documents` request field), "ngram" or
-    "suffix" (vLLM's own), "none". Blocks; Ctrl-C / SIGTERM stops vLLM and its workers.
+    `speculative`: "hsd" (our n-gram drafter as vLLM's proposer, with the `documents` request field), "ngram",
+    "suffix" or "eagle3" (vLLM's own; eagle3 with the head shipped for the default model), "none". Blocks;
+    Ctrl-C / SIGTERM stops vLLM and its workers.
     """
     speculative_config(speculative, num_speculative_tokens)  # bad values fail before anything starts
     server = VllmServer(model, host, port, speculative, num_speculative_tokens, api_key, log_path=None)
