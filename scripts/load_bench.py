@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_ready()
             if OUR_SERVER in group:
                 stack.enter_context(servers[OUR_SERVER])
-            for engine in group:  # first requests pay one-off costs
+            for engine in group:  # first requests pay one-off costs (with documents where they are sent)
                 _level(servers[engine], engine, prompts, documents, refs, range(WARMUP_REQUESTS), 1, 8)
             for concurrency, round_, indices in plan:
                 order = group if round_ % 2 == 0 else group[::-1]

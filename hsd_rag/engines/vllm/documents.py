@@ -90,6 +90,8 @@ class DocumentsMiddleware:
         self.app = app
         self.inbox = DocumentInbox(Path(os.environ[DOCUMENTS_DIR_ENV]))
         self._tokenizer = None
+        if os.environ.get(TOKENIZER_ENV):
+            self._load_tokenizer()  # at server start, not inside the first request that carries documents
 
     async def __call__(self, scope, receive, send):
         kind = ROUTES.get(scope.get("path", "")) if scope.get("type") == "http" else None
