@@ -1,9 +1,10 @@
 # The two commands of the README. Both set up .venv first (scripts/setup.sh, instant once done).
 VENV ?= .venv
 BIN := $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
 QUESTION ?= Who designed the Eiffel Tower?
 
-.PHONY: setup qa test lint web
+.PHONY: setup qa test lint web vllm-setup vllm-test
 
 setup:
 	@bash scripts/setup.sh
@@ -19,4 +20,10 @@ web: setup  ## The example web page over examples/docs on http://127.0.0.1:8000/
 	@$(BIN)/python examples/web_app.py examples/docs
 
 lint: setup
-	@$(BIN)/ruff check hsd_rag tests examples
+	@$(BIN)/ruff check hsd_rag tests tests_vllm examples scripts
+
+vllm-setup:  ## The separate vLLM venv (vLLM CPU build + SuffixDecoding + this package) for --peers / --engine vllm
+	@HSD_RAG_VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm.sh
+
+vllm-test: vllm-setup  ## Proposer unit tests and one end-to-end vLLM greedy run, inside the vLLM venv
+	@HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q tests_vllm

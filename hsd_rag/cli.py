@@ -31,16 +31,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(args) -> int:
+    from contextlib import ExitStack
+
     from hsd_rag.bench.datasets import load_cases
+    from hsd_rag.bench.peer_report import engines_table, headline
+    from hsd_rag.bench.peers import PeerPool, describe, parse_peers
     from hsd_rag.bench.report import markdown_table, summarize, total_mismatches, write_report
     from hsd_rag.bench.runner import run_benchmark
+    from hsd_rag.engines.vllm.launch import VllmUnavailableError
 
+    peer_names = parse_peers(args.peers)
     dec = _decoder(args)
     cases = load_cases(args.dataset, limit=args.limit, tokenizer=dec.tokenizer,
                        max_context_tokens=args.max_context_tokens)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [b if b == "auto" else int(b) for b in str(args.budgets).split(",")]
-    records = run_benchmark(dec, cases, methods, budgets, args.max_new_tokens, args.temperature, seed=args.seed)
+    load_at_start = os.getloadavg()[0]
+    with ExitStack() as stack:
+        peers = None
+        if peer_names:
+            log_dir = Path(args.out) / "peer-logs" if args.out else None
+            print(f"starting vLLM peers {', '.join(peer_names)} (cold starts take minutes) ...", file=sys.stderr)
+            try:
+                peers = stack.enter_context(PeerPool(peer_names, args.target, args.threads, log_dir))
+            except VllmUnavailableError as err:
+                print(f"hsd-rag: error: {err}", file=sys.stderr)
+                return 2
+        records = run_benchmark(dec, cases, methods, budgets, args.max_new_tokens, args.temperature,
+                                seed=args.seed, peers=peers)
+        peer_line = describe(peers) if peers is not None else ""
     summaries = summarize(records)
     import platform
 
@@ -53,10 +72,15 @@ def _cmd_bench(args) -> int:
         f"Target: {dec.model.config.name_or_path or type(dec.model).__name__}, temperature {args.temperature}, "
         f"max_new_tokens {args.max_new_tokens}, {len(cases)} prompts of `{args.dataset}`  \n"
         f"EAGLE head: {_head_label(args, dec)}  \n"
-        f"budget=auto cost profile: {_profile_label(dec)}"
+        f"budget=auto cost profile: {_profile_label(dec)}  \n"
+        f"Machine load average (1 min) at start: {load_at_start:.1f} on {os.cpu_count()} cores"
+        + (f"  \nPeers: {peer_line}" if peer_line else "")
     )
     print(header.replace("  \n", "\n"))
     print(markdown_table(summaries))
+    if peer_line:
+        print(headline(summaries))
+        print(engines_table(summaries))
     bad = total_mismatches(summaries)
     if args.temperature == 0:
         print(f"greedy outputs differing from HF generate: {bad}" + ("  <-- LOSSLESSNESS VIOLATED" if bad else ""))
@@ -166,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write records.jsonl, report.md and plots here")
+    p.add_argument("--peers", default=None,
+                   help="vLLM engines run on the same prompts, interleaved, comma-separated: vllm, vllm-ngram, "
+                        "vllm-suffix, vllm-hsd (vLLM with our proposer), vllm-eagle3; needs `make vllm-setup`")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tune", help="measure verification cost vs tree size on this device (for budget='auto')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hsd_rag.bench.peer_report import engines_table, headline
 from hsd_rag.bench.reliability import reliability_table
 from hsd_rag.bench.runner import BenchRecord
 from hsd_rag.bench.summary import (
@@ -176,6 +177,9 @@ def write_report(records: list[BenchRecord], out_dir: Path, header: str = "") ->
         "",
         markdown_table(summaries),
     ]
+    engines = engines_table(summaries)
+    if engines:
+        text += ["## Engines side by side (each over its own plain decode)", "", headline(summaries), engines]
     for title, table in (
         ("Who proposed the generated tokens", source_share_table(summaries)),
         ("Acceptance by depth (share of forwards accepting ≥ d drafts)", depth_table(summaries)),

@@ -199,31 +199,38 @@ def run_benchmark(
     seed: int = 0,
     warmup: bool = True,
     progress: bool = True,
+    peers=None,
 ) -> list[BenchRecord]:
-    """Run HF generate and each (method, budget) on every case; returns one record per run."""
+    """Run HF generate and each (method, budget) on every case; returns one record per run.
+
+    `peers`: a running hsd_rag.bench.peers.PeerPool whose engines join the rotation (one variant each).
+    """
     budgets = list(budgets)
     variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
     histories = {variant: AnswerHistory() for variant in variants}  # each variant learns only from itself
+    variants += [(name, None) for name in (peers.names if peers is not None else [])]
     own_history = decoder.answer_history
     try:
-        return _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress)
+        return _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress,
+                            peers)
     finally:
         decoder.answer_history = own_history
 
 
-def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress):
+def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress, peers):
     if warmup and cases:  # first calls pay one-off costs (allocator, kernels): keep them out of the timings
         for method, budget in variants:
             decoder.answer_history = AnswerHistory()  # a throwaway: the warm-up answer must not be drafted from
-            _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed)
+            _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed,
+                 peers)
     records: list[BenchRecord] = []
     bar = tqdm(total=len(cases) * len(variants), disable=not progress, desc="bench", unit="run")
     for i, case in enumerate(cases):
         shift = i % len(variants)
         per_case = []
         for method, budget in variants[shift:] + variants[:shift]:
-            decoder.answer_history = histories[(method, budget)]
-            rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed)
+            decoder.answer_history = histories.get((method, budget), decoder.answer_history)
+            rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers)
             per_case.append(rec)
             bar.update(1)
             bar.set_postfix(method=method, tau=f"{rec.tau:.2f}")
@@ -233,7 +240,9 @@ def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperatur
     return records
 
 
-def _run(decoder, case, method, budget, max_new_tokens, temperature, seed) -> BenchRecord:
+def _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers=None) -> BenchRecord:
+    if peers is not None and method in peers.names:
+        return peers.run(method, decoder.encode_prompt(case.prompt), case, max_new_tokens, temperature, seed)
     if method == BASELINE:
         return _hf_generate(decoder, case, max_new_tokens, temperature, seed)
     return _ours(decoder, case, method, budget, max_new_tokens, temperature, seed)
