@@ -84,7 +84,11 @@ class CostProfile:
     draft_costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.relative_cost = _strictly_rising(self.tokens, _isotonic(list(self.relative_cost)))
+        costs = _strictly_rising(self.tokens, _isotonic(list(self.relative_cost)))
+        # pooling a noisy dip (c(2) < c(1)) lowers c(1) too: rescale so a 1-token forward stays the unit
+        if costs and self.tokens[0] == 1 and costs[0] > 0:
+            costs = [c / costs[0] for c in costs]
+        self.relative_cost = costs
 
     def draft_cost(self, source: str, levels: float) -> float:
         """Cost of asking `source` for a tree of `levels` levels (0 for sources that draft for free)."""

@@ -170,8 +170,10 @@ def _serve_vllm(args, budget) -> int:
             f"--engine vllm needs vLLM and hsd_rag.engines.vllm ({error}). vLLM lives in its own venv: run "
             "`bash scripts/setup_vllm.sh` and start `hsd-rag serve --engine vllm` from that venv."
         ) from error
-    result = serve(model=args.target, host=args.host, port=args.port, speculative=args.method,
-                   num_speculative_tokens=budget if isinstance(budget, int) else None, api_key=args.api_key)
+    options = {"speculative": args.method} if args.method else {}  # vLLM's: hsd (default), ngram, suffix, eagle3, none
+    if isinstance(budget, int):
+        options["num_speculative_tokens"] = budget
+    result = serve(model=args.target, host=args.host, port=args.port, api_key=args.api_key, **options)
     return result if isinstance(result, int) else 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from hsd_rag.langchain import HybridSpecLLM
+from tests.langchain_capabilities import HybridSpecLLMCapabilities
 
 pytestmark = pytest.mark.slow
 
@@ -35,49 +35,25 @@ DOES_NOT_CHOOSE_TOOLS = pytest.mark.xfail(
 )
 
 
-class TestHybridSpecLLMIntegration(ChatModelIntegrationTests):
+class TestHybridSpecLLMIntegration(HybridSpecLLMCapabilities, ChatModelIntegrationTests):
     @pytest.fixture(autouse=True)
     def _decoder(self, default_decoder):
         self.decoder = default_decoder
 
     @property
-    def chat_model_class(self):
-        return HybridSpecLLM
-
-    @property
     def chat_model_params(self) -> dict:
         return {"decoder": self.decoder, "max_new_tokens": MAX_NEW_TOKENS}
 
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one HybridSpecLLM wraps one loaded model; a per-call `model=` raises ValueError
-
     # ---- known model-quality failures (see the marks above) ------------------------------------------------
 
+    # langchain-tests requires an overridden standard test to carry an xfail mark itself; the marks are
+    # non-strict, so the schema types that complete show as XPASS and the pydantic one as XFAIL.
+    @LOOPS_IN_FREE_TEXT_STRINGS
     @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
     def test_structured_output(self, model, schema_type) -> None:
         super().test_structured_output(model, schema_type)
 
+    @LOOPS_IN_FREE_TEXT_STRINGS
     @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
     async def test_structured_output_async(self, model, schema_type) -> None:
         await super().test_structured_output_async(model, schema_type)

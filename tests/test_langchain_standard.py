@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from hsd_rag.langchain import HybridSpecLLM
+from tests.langchain_capabilities import HybridSpecLLMCapabilities
 from tests.tiny_models import smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
@@ -17,16 +17,12 @@ def chat_decoder():
     return smollm2_chat_decoder()
 
 
-class TestHybridSpecLLMStandard(ChatModelUnitTests):
+class TestHybridSpecLLMStandard(HybridSpecLLMCapabilities, ChatModelUnitTests):
     """Capability flags are the truth: tools and structured output (constrained decoding); text in and out."""
 
     @pytest.fixture(autouse=True)
     def _decoder(self, chat_decoder):
         self.decoder = chat_decoder
-
-    @property
-    def chat_model_class(self):
-        return HybridSpecLLM
 
     @property
     def chat_model_params(self) -> dict:
@@ -37,27 +33,3 @@ class TestHybridSpecLLMStandard(ChatModelUnitTests):
         params = super().standard_chat_model_params
         del params["api_key"]  # a local model has none: HybridSpecLLM refuses one (test_model_selection.py)
         return params
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one HybridSpecLLM wraps one loaded model; a per-call `model=` raises ValueError

@@ -156,7 +156,7 @@ def test_langchain_timeout_returns_what_was_generated(chat_decoder, reference, c
     assert message.response_metadata["stop_reason"] == "timeout"
     assert message.usage_metadata["output_tokens"] == CUT
     assert message.usage_metadata["input_tokens"] == reference.stats.prompt_tokens
-    assert not chat_decoder._lock.locked()  # the decoder was released
+    assert not chat_decoder.gate.locked()  # the model was released
     chunks = list(llm.stream(QUESTION))
     assert (
         "".join(c.content for c in chunks) == expected

@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 
 from hsd_rag.retrieval import loaders
-from hsd_rag.retrieval.loaders import SkippedFileWarning, load_folder
+from hsd_rag.retrieval.loaders import FolderLoader, SkippedFileWarning
 
 PAGES = ["The Varnholt Bridge opened in 1931.", "It carries the old coastal railway across the Tessel river."]
 
@@ -54,19 +54,21 @@ def folder(tmp_path):
 
 def test_pdf_text_is_extracted_page_by_page(folder):
     assert importlib.util.find_spec("pypdf"), "pypdf is part of the dev extra: pip install -e '.[dev]'"
-    report = load_folder(folder)
-    texts = {doc.source: doc.text for doc in report.documents}
-    assert not report.skipped
-    pages = texts["bridge.pdf"].split("\n\n")
-    assert [" ".join(p.split()) for p in pages] == PAGES
+    loader = FolderLoader(folder)
+    documents = loader.load()
+    assert not loader.skipped
+    pages = [d for d in documents if d.metadata["source"] == "bridge.pdf"]  # one Document per page, in order
+    assert [d.metadata["page"] for d in pages] == list(range(len(PAGES)))
+    assert [" ".join(d.page_content.split()) for d in pages] == PAGES
 
 
 def test_unreadable_pdf_is_skipped_with_the_reason(folder):
     assert importlib.util.find_spec("pypdf"), "pypdf is part of the dev extra: pip install -e '.[dev]'"
     (folder / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not a pdf body")
+    loader = FolderLoader(folder)
     with pytest.warns(SkippedFileWarning, match="broken.pdf"):
-        report = load_folder(folder)
-    (skipped,) = report.skipped
+        loader.load()
+    (skipped,) = loader.skipped
     assert skipped.source == "broken.pdf" and skipped.reason.startswith("PDF could not be read")
 
 
@@ -75,7 +77,8 @@ def test_without_pypdf_the_pdf_is_skipped_with_the_install_command(folder, monke
     monkeypatch.setattr(
         loaders.importlib.util, "find_spec", lambda name, *a: None if name == "pypdf" else real_find_spec(name, *a)
     )
+    loader = FolderLoader(folder)
     with pytest.warns(SkippedFileWarning, match="pip install pypdf"):
-        report = load_folder(folder)
-    assert [d.source for d in report.documents] == ["notes.txt"]
-    assert report.skipped[0].source == "bridge.pdf"
+        documents = loader.load()
+    assert [d.metadata["source"] for d in documents] == ["notes.txt"]
+    assert loader.skipped[0].source == "bridge.pdf"

@@ -27,7 +27,8 @@ def test_default_method_samples_the_models_first_two_tokens(default_decoder):
     prompt = dec.encode_prompt(MESSAGES)
     law = sequence_law(dec.model, prompt, 2, **SAMPLING)
     likely = sorted(law, key=law.get, reverse=True)[:4]
-    documents = [dec.tokenizer.decode(list(seq)) for seq in likely]  # n-gram drafts for the likely answers
+    # n-gram drafts for the likely answers: each document holds the prompt's tail, then one likely answer
+    documents = [dec.tokenizer.decode(prompt[-4:] + list(seq)) for seq in likely]
     assert len(marginal_cells := {seq[0] for seq in law}) >= 2, marginal_cells  # something to sample
     samples, depths = [], Counter()
     for i in range(SAMPLES):

@@ -390,6 +390,9 @@ def test_serve_engine_vllm_hands_the_flags_to_the_launcher(monkeypatch):
     assert main(argv) == 0
     assert calls == [{"model": "/m", "host": "127.0.0.1", "port": 9001, "speculative": "hsd",
                       "num_speculative_tokens": 6, "api_key": "k"}]
+    calls.clear()
+    assert main(["serve", "--engine", "vllm"]) == 0  # unset flags leave the launcher's defaults (hsd, 8 tokens)
+    assert calls == [{"model": None, "host": "127.0.0.1", "port": 8000, "api_key": None}]
 
 
 def test_serve_rejects_a_bad_budget(capsys):

@@ -121,11 +121,6 @@ def test_stop_string_inside_an_accepted_step(scripted, stop_references, method):
     assert inside >= len(STOPS) - 1  # (almost) every stop string completed mid-step, with drafts after it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decoder._pieces holds back len(stop)-1 characters counting the U+FFFD of a partial character as one "
-    "of them, so the complete characters before it (the start of a stop string) are streamed",
-)
 @pytest.mark.parametrize("method", ["vanilla", "ngram"])
 def test_stream_never_shows_part_of_a_stop_string(scripted, method):
     (stop,) = SPLIT_AFTER_FIRST_CHARACTER
@@ -146,8 +141,10 @@ def test_streaming_holds_back_split_characters(scripted, method):
         ids.append(piece.token_id)
         emitted += piece.text
         assert "\ufffd" not in piece.text  # never half a character
-        # every complete character is out as soon as its last byte is decided
-        assert emitted == scripted.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        decoded = scripted.tok.decode(ids, skip_special_tokens=True)
+        assert decoded.startswith(emitted)  # never ahead of the tokens, never different
+        if not decoded.endswith("\ufffd"):  # a token that completes its characters releases everything held
+            assert emitted == decoded
     assert emitted == TEXT
     split = [p.text for p in pieces if p.text == ""]
     assert len(split) >= 4  # the tokens that only started a character emitted nothing
