@@ -79,13 +79,13 @@ def _cmd_bench(args) -> int:
     print(header.replace("  \n", "\n"))
     print(markdown_table(summaries))
     if peer_line:
-        print(headline(summaries))
+        print(headline(summaries, dec.default_method))
         print(engines_table(summaries))
     bad = total_mismatches(summaries)
     if args.temperature == 0:
         print(f"greedy outputs differing from HF generate: {bad}" + ("  <-- LOSSLESSNESS VIOLATED" if bad else ""))
     if args.out:
-        path = write_report(records, Path(args.out), header)
+        path = write_report(records, Path(args.out), header, dec.default_method)
         print(f"report: {path}")
     return 1 if bad else 0
 

@@ -27,12 +27,13 @@ def _ratio(x: float | None, y: float | None) -> str:
     return f"{x / y:.2f}×" if x and y else "-"
 
 
-def default_method() -> tuple[str, str]:
-    """(method, budget) a user gets without choosing: DecodeConfig's defaults."""
+def default_method(decoder_default: str | None = None) -> tuple[str, str]:
+    """(method, budget) a user gets without choosing: the decoder's default method (hybrid when a head is
+    loaded, else ngram) when given, else DecodeConfig's; DecodeConfig's budget."""
     from hsd_rag.config import DecodeConfig
 
     fields = DecodeConfig.model_fields
-    return str(fields["method"].default), str(fields["budget"].default)
+    return str(decoder_default or fields["method"].default), str(fields["budget"].default)
 
 
 def engines_table(summaries: list[Summary]) -> str:
@@ -66,9 +67,10 @@ def engines_table(summaries: list[Summary]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def headline(summaries: list[Summary]) -> str:
-    """Per dataset: our default method's tokens/s over vLLM suffix's (the comparison a user makes first)."""
-    method, budget = default_method()
+def headline(summaries: list[Summary], decoder_default: str | None = None) -> str:
+    """Per dataset: our default method's tokens/s over vLLM suffix's (the comparison a user makes first), and
+    our fastest method's when that is another one."""
+    method, budget = default_method(decoder_default)
     lines = []
     for group in _groups(summaries):
         suffix = next((s for s in group if s.method == SUFFIX_PEER), None)
@@ -80,10 +82,16 @@ def headline(summaries: list[Summary]) -> str:
             label = f"our best method here ({ours.method}, budget {ours.budget}; the default was not run)" if ours else ""
         if suffix is None or ours is None:
             continue
-        lines.append(
+        line = (
             f"- {group[0].dataset}, T={group[0].temperature:g}: {label} {ours.tokens_per_s:.1f} tokens/s vs "
             f"vLLM suffix {suffix.tokens_per_s:.1f} tokens/s: **{_ratio(ours.tokens_per_s, suffix.tokens_per_s)}**"
         )
+        candidates = [s for s in group if not s.is_baseline and s.method not in PEERS]
+        best = max(candidates, key=lambda s: s.tokens_per_s)
+        if best is not ours:
+            line += (f"; our fastest ({best.method}, budget {best.budget}) {best.tokens_per_s:.1f} tokens/s: "
+                     f"**{_ratio(best.tokens_per_s, suffix.tokens_per_s)}**")
+        lines.append(line)
     return "\n".join(lines) + ("\n" if lines else "")
 
 

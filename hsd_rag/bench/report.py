@@ -94,8 +94,9 @@ def source_share_table(summaries: list[Summary]) -> str:
 
 
 def depth_table(summaries: list[Summary]) -> str:
-    """Share of forwards whose accepted path reached depth ≥ d."""
-    ours = [(s, s.acceptance_by_depth()) for s in summaries if not s.is_baseline]
+    """Share of forwards whose accepted path reached depth ≥ d (engines that report no per-step counts, the
+    vLLM peers, are left out)."""
+    ours = [(s, s.acceptance_by_depth()) for s in summaries if not s.is_baseline and s.accepted_by_depth]
     deepest = max((max(curve) for _, curve in ours if curve), default=0)
     if not deepest:
         return ""
@@ -156,7 +157,9 @@ def _greedy_line(summaries: list[Summary]) -> str:
     return f"**Greedy outputs differing from HF generate: {bad} of {compared} compared.**{flag}\n"
 
 
-def write_report(records: list[BenchRecord], out_dir: Path, header: str = "") -> Path:
+def write_report(
+    records: list[BenchRecord], out_dir: Path, header: str = "", decoder_default: str | None = None
+) -> Path:
     """records.jsonl, report.md and the PNG figures in `out_dir`; returns the report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +182,8 @@ def write_report(records: list[BenchRecord], out_dir: Path, header: str = "") ->
     ]
     engines = engines_table(summaries)
     if engines:
-        text += ["## Engines side by side (each over its own plain decode)", "", headline(summaries), engines]
+        title = "## Engines side by side (each over its own plain decode)"
+        text += [title, "", headline(summaries, decoder_default), engines]
     for title, table in (
         ("Who proposed the generated tokens", source_share_table(summaries)),
         ("Acceptance by depth (share of forwards accepting ≥ d drafts)", depth_table(summaries)),

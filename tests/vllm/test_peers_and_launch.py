@@ -88,6 +88,11 @@ def test_engines_table_puts_each_engine_over_its_own_plain_decode():
     assert "**1/1**" in rows["vllm-hsd"]
     assert "our default (ngram, budget auto) 15.0 tokens/s vs vLLM suffix 20.0 tokens/s: **0.75×**" in headline(
         summarize(records))
+    # with a head the decoder's default is hybrid; the line then also names our fastest method
+    with_hybrid = summarize([*records, rec("hybrid", "auto", 60, 5.0, 4.0)])
+    line = headline(with_hybrid, "hybrid")
+    assert "our default (hybrid, budget auto) 12.0 tokens/s" in line and "**0.60×**" in line
+    assert "our fastest (ngram, budget auto) 15.0 tokens/s: **0.75×**" in line
     assert engines_table(summarize(records[:2])) == ""  # no peers, no table
 
 
