@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from hsd_rag.serve.harness import (  # noqa: E402  (after the path tweak, so the repo's copy is imported)
     LoadCase,
+    ServerProcess,
     Target,
     probe_disconnect,
     probe_kill_restart,
@@ -113,34 +112,16 @@ def build_cases(args) -> list[LoadCase]:
 # ---- the spawned server ---------------------------------------------------------------------------------------
 
 
-class SpawnedServer:
-    def __init__(self, args, log: Path):
-        self.command = [sys.executable, "-m", "hsd_rag.cli", "serve", "--port", str(args.port),
-                        "--threads", str(args.threads), "--temperature", "0", "--max-queue", str(args.max_queue)]
-        if not args.no_stats_check:  # the leak check compares drafts with solo runs: no cross-request source
-            self.command.append("--no-answer-history")
-        for flag, value in (("--model", args.model), ("--method", args.method), ("--budget", args.budget)):
-            if value:
-                self.command += [flag, value]
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-        with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(60)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def spawned_server(args, log: Path) -> ServerProcess:
+    """`hsd-rag serve` on the load test's port, greedy, with the chosen model / method / budget."""
+    command = [sys.executable, "-m", "hsd_rag.cli", "serve", "--port", str(args.port),
+               "--threads", str(args.threads), "--temperature", "0", "--max-queue", str(args.max_queue)]
+    if not args.no_stats_check:  # the leak check compares drafts with solo runs: no cross-request source
+        command.append("--no-answer-history")
+    for flag, value in (("--model", args.model), ("--method", args.method), ("--budget", args.budget)):
+        if value:
+            command += [flag, value]
+    return ServerProcess(command, log, REPO)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -158,7 +139,7 @@ async def load_levels(target: Target, cases: list[LoadCase], levels: list[int], 
     return rows, problems
 
 
-async def faults(target: Target, cases: list[LoadCase], args, server: SpawnedServer | None) -> list[str]:
+async def faults(target: Target, cases: list[LoadCase], args, server: ServerProcess | None) -> list[str]:
     problems = []
     short = LoadCase(cases[0].key, cases[0].prompt, cases[0].documents, max_tokens=8)
     burst = args.max_queue + 1 + 8
@@ -198,7 +179,7 @@ async def main_async(args) -> int:
     cases = build_cases(args)
     levels = [int(x) for x in args.levels.split(",")]
     own = args.base_url is None
-    server = SpawnedServer(args, Path(os.environ.get("TMPDIR", "/tmp")) / f"hsd-rag-load-{args.port}.log") if own \
+    server = spawned_server(args, Path(os.environ.get("TMPDIR", "/tmp")) / f"hsd-rag-load-{args.port}.log") if own \
         else None
     base_url = args.base_url or f"http://127.0.0.1:{args.port}"
     target = Target(base_url, model=args.served_model_name, api_key=args.api_key,

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -26,6 +23,7 @@ from hsd_rag.serve import BackgroundServer, ServerSettings, create_app
 from hsd_rag.serve.engine import GenerationEngine
 from hsd_rag.serve.harness import (
     LoadCase,
+    ServerProcess,
     Target,
     probe_disconnect,
     probe_kill_restart,
@@ -207,32 +205,12 @@ def saved_chat_model(tmp_path_factory):
     return decoder, folder
 
 
-class ServerProcess:
-    """`python -m hsd_rag.cli serve` in a subprocess on a fixed port, killable and restartable."""
-
-    def __init__(self, model_dir: Path, port: int, log: Path):
-        self.command = [sys.executable, "-m", "hsd_rag.cli", "serve", "--model", str(model_dir), "--head", "none",
-                        "--port", str(port), "--threads", "1", "--temperature", "0", "--method", "ngram",
-                        "--budget", "8", "--served-model-name", "tiny"]
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-        with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def tiny_server(model_dir: Path, port: int, log: Path) -> ServerProcess:
+    """`python -m hsd_rag.cli serve` of a saved tiny model on a fixed port, killable and restartable."""
+    command = [sys.executable, "-m", "hsd_rag.cli", "serve", "--model", str(model_dir), "--head", "none",
+               "--port", str(port), "--threads", "1", "--temperature", "0", "--method", "ngram",
+               "--budget", "8", "--served-model-name", "tiny"]
+    return ServerProcess(command, log, REPO, wait_s=30)
 
 
 async def test_killed_mid_stream_clients_get_a_clear_error_and_a_restart_serves_again(saved_chat_model, tmp_path):
@@ -243,7 +221,7 @@ async def test_killed_mid_stream_clients_get_a_clear_error_and_a_restart_serves_
     expected = hf_greedy(decoder.model, decoder.encode_prompt(messages), new_tokens)
     case = LoadCase("kill", messages, max_tokens=new_tokens, expected_token_ids=expected)
     port = _free_port()
-    server = ServerProcess(folder, port, tmp_path / "server.log")
+    server = tiny_server(folder, port, tmp_path / "server.log")
     target = Target(f"http://127.0.0.1:{port}", model="tiny", timeout_s=60)
     server.start()
     try:

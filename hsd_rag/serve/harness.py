@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -550,3 +554,34 @@ async def scrape_metric(target: Target, name: str, labels: dict[str, str] | None
                if n == name and all(lab.get(k) == want for k, want in (labels or {}).items()))
 
 
+class ServerProcess:
+    """A server command in a subprocess that the fault checks can SIGKILL and start again.
+
+    `repo` goes first on PYTHONPATH (so that checkout's hsd_rag serves) and the hub stays offline; output is
+    appended to `log`.
+    """
+
+    def __init__(self, command: list[str], log: Path, repo: Path, wait_s: float = 60.0):
+        self.command = command
+        self.log = log
+        self.repo = repo
+        self.wait_s = wait_s
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(self.repo), "HF_HUB_OFFLINE": "1"}
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(self.command, cwd=self.repo, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(self.wait_s)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(self.wait_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
