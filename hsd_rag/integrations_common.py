@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -130,6 +130,23 @@ class ModelFields(BaseModel):
         'current token and comes back as generated so far, with finish_reason "timeout". Checked between '
         "tokens, so waiting for the model and the first forward are not cut short. None = no deadline.",
     )
+
+    @classmethod
+    def from_model_id(
+        cls,
+        model_id: str,
+        *,
+        head: str | None = HEAD_AUTO,
+        device: str | None = None,
+        dtype: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Load `model_id` (hub id, local directory or .gguf) now, as `HuggingFacePipeline.from_model_id` does,
+        so a wrong id fails here; `kwargs` are the adapter's other fields (max_new_tokens, temperature, ...)."""
+        adapter = cls(model=model_id, head=head, device=device, dtype=dtype, model_kwargs=model_kwargs, **kwargs)
+        decoder_for(adapter)  # loads the model now; the adapter's first call gets the same (shared) decoder
+        return adapter
 
 
 def looks_local(model: str) -> bool:

@@ -214,23 +214,6 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         check_model_source(values.get("model"), ADAPTER)
         return {k: v for k, v in values.items() if k not in IGNORED_REMOTE_PARAMS}
 
-    @classmethod
-    def from_model_id(
-        cls,
-        model_id: str,
-        *,
-        head: str | None = "auto",
-        device: str | None = None,
-        dtype: str | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> HybridSpecLLM:
-        """Load `model_id` (hub id, local directory or .gguf) now, as `HuggingFacePipeline.from_model_id`
-        does, so a wrong id fails here; `kwargs` are the other fields (max_new_tokens, temperature, ...)."""
-        llm = cls(model=model_id, head=head, device=device, dtype=dtype, model_kwargs=model_kwargs, **kwargs)
-        llm._decoder()
-        return llm
-
     # ---- what LangChain asks of a chat model ------------------------------------------------------------
 
     @property

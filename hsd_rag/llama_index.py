@@ -211,23 +211,6 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM, FunctionCallingLLM):
         return values
 
     @classmethod
-    def from_model_id(
-        cls,
-        model_id: str,
-        *,
-        head: str | None = "auto",
-        device: str | None = None,
-        dtype: str | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> HybridSpecLLM:
-        """Load `model_id` (hub id, local directory or .gguf) now, so a wrong id fails here; `kwargs` are the
-        other fields (max_new_tokens, temperature, callback_manager, ...)."""
-        llm = cls(model=model_id, head=head, device=device, dtype=dtype, model_kwargs=model_kwargs, **kwargs)
-        _ = llm.decoder  # loads the model now
-        return llm
-
-    @classmethod
     def class_name(cls) -> str:
         return "HybridSpecLLM"
 
