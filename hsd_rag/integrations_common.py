@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hsd_rag.config import DecodeConfig, Method
 from hsd_rag.decoder import GenerationStream, HybridSpecDecoder, TokenPiece
-from hsd_rag.loading import DEFAULT_MODEL_NAME
+from hsd_rag.loading import DEFAULT_MODEL_NAME, looks_like_path
 from hsd_rag.stats import GenerationResult, GenerationStats
 
 # Generation settings an adapter exposes as fields and accepts per call (the DecodeConfig names).
@@ -150,13 +150,8 @@ class ModelFields(BaseModel):
 
 
 def looks_local(model: str) -> bool:
-    """A path rather than a hub id: absolute, starting with . or ~, a .gguf file, or anything that exists."""
-    return (
-        Path(model).expanduser().is_absolute()
-        or model.startswith((".", "~"))
-        or model.endswith(".gguf")
-        or Path(model).expanduser().exists()
-    )
+    """A path rather than a hub id (see `hsd_rag.loading.looks_like_path`)."""
+    return looks_like_path(model)
 
 
 def check_model_source(model: str | None, adapter: str) -> None:

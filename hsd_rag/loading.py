@@ -127,6 +127,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, starting with . or ~, a .gguf file, more than
+    one "/" or a backslash, or anything that exists."""
+    return (
+        Path(name).expanduser().is_absolute()
+        or name.startswith((".", "~"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).expanduser().exists()
+    )
+
+
 def load_target(
     target: str | os.PathLike | None = None,
     *,
@@ -155,9 +168,19 @@ def load_target(
             model.to(device)
             return _finish(model, tokenizer, attn_implementation)
         if not source.exists():
+            if looks_like_path(os.fspath(target)):
+                raise ModelLoadError(
+                    f"Model path {source} does not exist. Pass an existing model directory or .gguf file, a hub id "
+                    '("org/name"), or target=None for the embedded default.'
+                )
             source = os.fspath(target)  # a hub id
         elif not source.is_dir():
             raise ModelLoadError(f"{source} is neither a model directory nor a .gguf file.")
+        elif not (source / "config.json").exists():
+            raise ModelLoadError(
+                f"{source} holds no model (no config.json). Pass a folder written by save_pretrained (config, "
+                "weights and tokenizer files), a .gguf file, or a hub id."
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
         if attn_implementation is not None:

@@ -95,21 +95,11 @@ def test_bad_paths_are_named(tmp_path):
         load_target("hsd-rag-tests/no-such-model", device="cpu")  # a hub id that is neither cached nor reachable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loading.load_target passes an existing but empty folder to AutoTokenizer, which raises a raw "
-    "ValueError about sentencepiece/tiktoken instead of a ModelLoadError saying the folder holds no model",
-)
 def test_empty_directory_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match=tmp_path.name):
         load_target(tmp_path, device="cpu")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loading.load_target treats a path that does not exist as a hub id, so a mistyped local path gets "
-    "'Repo id must be in the form namespace/repo_name' instead of 'does not exist'",
-)
 def test_missing_local_path_says_it_does_not_exist(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_target(tmp_path / "models" / "my-llama", device="cpu")
