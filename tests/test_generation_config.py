@@ -10,13 +10,13 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.heads import Eagle3Head
 from hsd_rag.sampling import logits_to_probs
 from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 from tests.fake_drafters import RandomTreeDrafter
+from tests.fidelity import chi_square_p
 from tests.tiny_models import TINY_VOCAB, IdTokenizer, tiny_model
 
 PROMPT = [0, 30, 31, 32, 30, 31, 33]
@@ -183,7 +183,6 @@ def test_repetition_penalty_rows_follow_each_nodes_path():
 # ---- sampling: the checkpoint's settings decide the distribution --------------------------------------------
 
 SAMPLES = 800
-MIN_EXPECTED = 5.0
 P_FLOOR = 1e-3
 
 
@@ -222,7 +221,7 @@ def test_sampling_defaults_come_from_generation_config(model):
     for seed in range(SAMPLES):
         token = dec.generate(PROMPT, method="vanilla", max_new_tokens=1, seed=seed).token_ids[0]
         counts[token] = counts.get(token, 0) + 1
-    p_value = _chi_square_p(counts, {t: float(law[t]) for t in range(TINY_VOCAB)})
+    p_value = chi_square_p(counts, {t: float(law[t]) for t in range(TINY_VOCAB)})
     assert p_value > P_FLOOR, f"sampled distribution differs from generate's (p={p_value:.2e})"
 
 
@@ -246,22 +245,5 @@ def test_sampled_repetition_penalty_along_draft_paths():
         counts[tuple(res.token_ids[:2])] = counts.get(tuple(res.token_ids[:2]), 0) + 1
         accepted += sum(res.stats.accepted_by_source.values())
     assert accepted > SAMPLES // 10  # drafts were accepted: the per-path penalty decided many second tokens
-    p_value = _chi_square_p(counts, joint)
+    p_value = chi_square_p(counts, joint)
     assert p_value > P_FLOOR, f"sampled distribution differs from generate's (p={p_value:.2e})"
-
-
-def _chi_square_p(counts: dict, law: dict) -> float:
-    observed, expected, pool_obs, pool_exp = [], [], 0.0, 0.0
-    for cell in sorted(law, key=law.get, reverse=True):
-        exp = law[cell] * SAMPLES
-        if exp >= MIN_EXPECTED:
-            observed.append(counts.get(cell, 0))
-            expected.append(exp)
-        else:  # cells too small for chi-square are pooled
-            pool_obs += counts.get(cell, 0)
-            pool_exp += exp
-    if pool_exp > 0:
-        observed.append(pool_obs)
-        expected.append(pool_exp)
-    expected = [e * sum(observed) / sum(expected) for e in expected]
-    return float(chisquare(observed, expected).pvalue)

@@ -17,6 +17,7 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.langchain import HybridSpecLLM, attach_documents
 from tests.fake_drafters import record_drafts
+from tests.llama_index_events import ChatEndEvents
 from tests.tiny_models import hf_greedy_text, smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
@@ -100,29 +101,6 @@ def test_lcel_chain_drafts_from_the_retrieved_chunks(folder_index, default_decod
 
     sent = ({"context": retriever, "question": RunnablePassthrough()} | attach_documents(RAG_PROMPT)).invoke(QUESTION)
     assert message.content == hf_greedy_text(decoder, to_chat_messages(sent.to_messages()), ANSWER_TOKENS)
-
-
-class ChatEndEvents:
-    """Collects the ChatResponse of every LLM chat end event (LlamaIndex instrumentation) while in use."""
-
-    def __enter__(self) -> list:
-        from llama_index.core.instrumentation import get_dispatcher
-        from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-        from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
-
-        responses = []
-
-        class Handler(BaseEventHandler):
-            def handle(self, event, **kwargs):
-                if isinstance(event, LLMChatEndEvent):
-                    responses.append(event.response)
-
-        self.dispatcher, self.handler = get_dispatcher(), Handler()
-        self.dispatcher.add_event_handler(self.handler)
-        return responses
-
-    def __exit__(self, *exc) -> None:
-        self.dispatcher.event_handlers.remove(self.handler)
 
 
 @pytest.mark.slow

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.heads import Eagle3Head
 from tests.fake_drafters import RandomTreeDrafter
+from tests.fidelity import chi_square_p
 from tests.tiny_models import IdTokenizer
 from tests.tiny_sliding_models import SLIDING_ARCHS, sliding_model
 
@@ -126,7 +126,6 @@ VOCAB = 8
 SAMPLE_PROMPT = [0, 3, 5, 2, 6, 4]
 SAMPLE_WINDOW = 3
 SAMPLES = 800
-MIN_EXPECTED = 5.0
 P_FLOOR = 1e-3
 SAMPLING = dict(temperature=0.8, top_k=0, top_p=0.95)
 
@@ -155,22 +154,5 @@ def test_sampling_matches_the_target_distribution():
         counts[tuple(res.token_ids[:2])] = counts.get(tuple(res.token_ids[:2]), 0) + 1
         drafted += res.stats.tree_nodes
     assert drafted > SAMPLES  # drafts were verified, so acceptance was exercised
-    p_value = _chi_square_p(counts, joint)
+    p_value = chi_square_p(counts, joint)
     assert p_value > P_FLOOR, f"sampled distribution differs from the target's (p={p_value:.2e})"
-
-
-def _chi_square_p(counts: dict, joint: dict) -> float:
-    observed, expected, pool_obs, pool_exp = [], [], 0.0, 0.0
-    for cell in sorted(joint, key=joint.get, reverse=True):
-        exp = joint[cell] * SAMPLES
-        if exp >= MIN_EXPECTED:
-            observed.append(counts.get(cell, 0))
-            expected.append(exp)
-        else:  # cells too small for chi-square are pooled
-            pool_obs += counts.get(cell, 0)
-            pool_exp += exp
-    if pool_exp > 0:
-        observed.append(pool_obs)
-        expected.append(pool_exp)
-    expected = [e * sum(observed) / sum(expected) for e in expected]
-    return float(chisquare(observed, expected).pvalue)

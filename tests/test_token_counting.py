@@ -16,6 +16,7 @@ from llama_index.core.llms import ChatMessage, MessageRole
 from hsd_rag.llama_index import HybridSpecLLM
 from hsd_rag.retrieval import FolderIndex
 from hsd_rag.retrieval.llama_index_retriever import build_query_engine
+from tests.llama_index_events import ChatEndEvents
 from tests.tiny_models import smollm2_chat_decoder
 
 SMOLLM2_VOCAB = 49152
@@ -77,33 +78,10 @@ def folder_index(tmp_path_factory):
     )
 
 
-class ChatEnds:
-    """The ChatResponse of every LLM chat end event (LlamaIndex instrumentation), while in use."""
-
-    def __enter__(self) -> list:
-        from llama_index.core.instrumentation import get_dispatcher
-        from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-        from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
-
-        responses = []
-
-        class Handler(BaseEventHandler):
-            def handle(self, event, **kwargs):
-                if isinstance(event, LLMChatEndEvent):
-                    responses.append(event.response)
-
-        self.dispatcher, self.handler = get_dispatcher(), Handler()
-        self.dispatcher.add_event_handler(self.handler)
-        return responses
-
-    def __exit__(self, *exc) -> None:
-        self.dispatcher.event_handlers.remove(self.handler)
-
-
 def test_query_engine_over_a_folder_is_counted(chat_decoder, folder_index, settings_counter):
     llm = HybridSpecLLM(decoder=chat_decoder, max_new_tokens=SHORT)
     engine = build_query_engine(folder_index, llm=llm, k=1, response_mode=RESPONSE_MODE)
-    with ChatEnds() as chats:
+    with ChatEndEvents() as chats:
         response = engine.query(QUESTION)
     assert response.source_nodes[0].node.metadata["source"] == "station.txt"
     (chat,) = chats
