@@ -35,7 +35,7 @@ def _cmd_bench(args) -> int:
 
     from hsd_rag.bench.datasets import load_cases
     from hsd_rag.bench.peer_report import engines_table, headline
-    from hsd_rag.bench.peers import PeerPool, describe, parse_peers
+    from hsd_rag.bench.peers import PeerPool, describe, parse_peers, sigterm_as_exit
     from hsd_rag.bench.report import markdown_table, summarize, total_mismatches, write_report
     from hsd_rag.bench.runner import run_benchmark
     from hsd_rag.engines.vllm.launch import VllmUnavailableError
@@ -52,6 +52,7 @@ def _cmd_bench(args) -> int:
         if peer_names:
             log_dir = Path(args.out) / "peer-logs" if args.out else None
             print(f"starting vLLM peers {', '.join(peer_names)} (cold starts take minutes) ...", file=sys.stderr)
+            stack.enter_context(sigterm_as_exit())  # a terminated bench still stops its servers
             try:
                 peers = stack.enter_context(PeerPool(peer_names, args.target, args.threads, log_dir))
             except VllmUnavailableError as err:

@@ -19,10 +19,13 @@ of the 135M default model, enough for one request of `PEER_MAX_MODEL_LEN`) and a
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +69,25 @@ def parse_peers(text: str | None) -> list[str]:
 
 def is_peer(method: str) -> bool:
     return method in PEERS
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """While inside, SIGTERM raises SystemExit(143) in the main thread, so `with` blocks unwind and a PeerPool
+    stops its vLLM servers (they run in their own sessions and would otherwise outlive a terminated bench,
+    holding gigabytes of RAM). Outside the main thread it does nothing (signals cannot be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum, frame):
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class PeerPool:

@@ -241,3 +241,27 @@ async def _ignore(message):
 
 def test_every_peer_has_a_launch_method():
     assert {spec.speculative for spec in PEERS.values()} <= set(launch.SPECULATIVE_METHODS)
+
+
+def test_sigterm_unwinds_the_with_block_so_peer_servers_are_stopped():
+    import os
+    import signal
+    import time
+
+    from hsd_rag.bench.peers import sigterm_as_exit
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = []
+
+    class FakePool:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            stopped.append(True)
+
+    with pytest.raises(SystemExit) as exit_info, sigterm_as_exit(), FakePool():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives before this ends
+    assert exit_info.value.code == 128 + signal.SIGTERM and stopped == [True]
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
