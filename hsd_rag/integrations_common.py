@@ -419,3 +419,30 @@ async def generate_in_thread(start: Callable[[], GenerationStream]) -> Generatio
         return await loop.run_in_executor(None, contextvars.copy_context().run, work)
     finally:
         cancelled.set()
+
+
+# Call kwargs that shape the output (bound by bind_tools / with_structured_output / function calling, or per call).
+STRUCTURE_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+
+
+def pop_structure(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the output-shaping kwargs out of a call's kwargs (the rest are generation settings)."""
+    return {k: kwargs.pop(k) for k in STRUCTURE_KWARGS if k in kwargs}
+
+
+def structured_request(tokenizer, chat: list[dict[str, Any]], structure: dict[str, Any], settings: dict[str, Any]):
+    """(prompt, whether the answer's tool calls are parsed) for `chat` with any bound tools rendered into it; a
+    response format (JSON schema, tool-call grammar, ...) goes into `settings` (hsd_rag.constrain.tool_calls)."""
+    from hsd_rag.constrain import tool_calls
+
+    prompt, response_format, expects_calls = tool_calls.prepare_request(
+        tokenizer,
+        chat,
+        structure.get("tools"),
+        structure.get("tool_choice"),
+        bool(structure.get("parallel_tool_calls")),
+        structure.get("response_format"),
+    )
+    if response_format is not None:
+        settings["response_format"] = response_format
+    return prompt, expects_calls

@@ -58,8 +58,10 @@ from hsd_rag.integrations_common import (
     document_texts,
     iterate_in_thread,
     model_name,
+    pop_structure,
     result_metadata,
     split_call_kwargs,
+    structured_request,
     usage,
 )
 
@@ -107,8 +109,6 @@ IGNORED_REMOTE_PARAMS = frozenset({"max_retries"})
 REFUSED_REMOTE_PARAMS = frozenset({"api_key"})  # silently dropping a credential would hide a misconfiguration
 # Call kwargs LangChain itself uses to steer a call; they are not generation settings.
 LANGCHAIN_CONTROL_KWARGS = ("stream",)
-# Call kwargs that shape the output (bound by bind_tools / with_structured_output, or passed per call).
-STRUCTURE_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 # Content blocks an AIMessage may carry besides text: its tool calls, which `tool_calls` also holds.
 TOOL_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call"})
 StructuredMethod = Literal["json_schema", "json_mode", "function_calling"]
@@ -352,23 +352,14 @@ class HybridSpecLLM(SamplingFields, ModelFields, BaseChatModel):
         the history holds tool calls (the chat template then renders them, see `constrain.tool_calls`).
         """
         kwargs = {k: v for k, v in kwargs.items() if k not in LANGCHAIN_CONTROL_KWARGS}
-        structure = {k: kwargs.pop(k) for k in STRUCTURE_KWARGS if k in kwargs}
+        structure = pop_structure(kwargs)
         overrides, documents = split_call_kwargs(kwargs, ADAPTER)
         chat = to_chat_messages(messages)
         settings = {**self._settings(), **overrides}
         stops = stop if stop is not None else self.stop
         if stops:
             settings["stop"] = list(stops)
-        prompt, response_format, expects_calls = tool_calls.prepare_request(
-            self._decoder().tokenizer,
-            chat,
-            structure.get("tools"),
-            structure.get("tool_choice"),
-            bool(structure.get("parallel_tool_calls")),
-            structure.get("response_format"),
-        )
-        if response_format is not None:
-            settings["response_format"] = response_format
+        prompt, expects_calls = structured_request(self._decoder().tokenizer, chat, structure, settings)
         return prompt, message_documents(messages) + document_texts(documents), settings, expects_calls
 
     # ---- tools and structured output ------------------------------------------------------------------

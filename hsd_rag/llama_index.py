@@ -57,9 +57,11 @@ from hsd_rag.integrations_common import (
     generate_in_thread,
     iterate_in_thread,
     model_name,
+    pop_structure,
     raw_response,
     result_metadata,
     split_call_kwargs,
+    structured_request,
 )
 from hsd_rag.stats import GenerationResult
 
@@ -95,8 +97,6 @@ except ImportError as error:
     ) from error
 
 ADAPTER = "HybridSpecLLM"
-# Call kwargs that shape the output (set by chat_with_tools / structured_predict, or passed per call).
-STRUCTURE_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 dispatcher = get_dispatcher(__name__)
 DEFAULT_CONTEXT_WINDOW = 2048  # reported only for models whose config names no max_position_embeddings
 ROLES = {
@@ -416,7 +416,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM, FunctionCallingLLM):
         """Validate the call and open the decoder's token stream (no model work until it is iterated)."""
         kwargs = dict(kwargs)
         timeout = call_timeout(kwargs, self.timeout, ADAPTER)
-        structure = {k: kwargs.pop(k) for k in STRUCTURE_KWARGS if k in kwargs}
+        structure = pop_structure(kwargs)
         overrides, documents = split_call_kwargs(kwargs, ADAPTER)
         settings = {name: getattr(self, name) for name in GENERATION_KWARGS}
         if settings["method"] is None:
@@ -426,16 +426,7 @@ class HybridSpecLLM(SamplingFields, ModelFields, CustomLLM, FunctionCallingLLM):
             settings["stop"] = list(self.stop)
         carried = [text for m in messages for text in document_texts(m.additional_kwargs.get(DOCUMENTS_KEY))]
         decoder = self.decoder
-        prompt, response_format, _ = tool_calls.prepare_request(
-            decoder.tokenizer,
-            to_chat_messages(messages),
-            structure.get("tools"),
-            structure.get("tool_choice"),
-            bool(structure.get("parallel_tool_calls")),
-            structure.get("response_format"),
-        )
-        if response_format is not None:
-            settings["response_format"] = response_format
+        prompt, _ = structured_request(decoder.tokenizer, to_chat_messages(messages), structure, settings)
         stream = decoder.stream_tokens(prompt, carried + document_texts(documents), **settings)
         return DeadlineStream(stream, timeout, lambda: len(decoder.encode_prompt(prompt)))
 
