@@ -19,7 +19,8 @@ def _decoder(args):
         torch.set_num_threads(args.threads)
     head = getattr(args, "head", "auto")
     head = None if head in (None, "none") else head
-    return HybridSpecDecoder.from_pretrained(args.target, head=head, device=args.device, dtype=args.dtype)
+    return HybridSpecDecoder.from_pretrained(args.target, head=head, device=args.device, dtype=args.dtype,
+                                             packed_weights=not getattr(args, "stock_kernels", False))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: per device)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--stock-kernels", action="store_true",
+                   help="CPU: keep transformers' stock linear kernels instead of oneDNN-packed weights (hsd_rag.kernels)")
 
 
 def _cmd_bench(args) -> int:

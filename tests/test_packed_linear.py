@@ -1,0 +1,166 @@
+"""hsd_rag.kernels: linear layers on oneDNN-packed weights are a drop-in for nn.Linear, and decoding stays lossless.
+
+Lossless here means: the decoder's greedy output equals `model.generate` on the same model object (both run on
+the packed kernels), and the packed kernel differs from the stock one only by float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from hsd_rag import HybridSpecDecoder
+from hsd_rag.kernels import PackedLinear, pack_linears, packed_linear_count, stock_linears, unpack_linears
+from hsd_rag.kernels import packed_linear as packed_module
+from tests.tiny_models import IdTokenizer, tiny_model
+
+pytestmark = pytest.mark.skipif(not packed_module._oneDNN_linear_available(), reason="torch built without oneDNN")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 48), nn.SiLU(), nn.Linear(48, 8, bias=False)).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_output_matches_stock_up_to_rounding(rows, dtype):
+    model = _mlp().to(dtype)
+    x = torch.randn(2, rows, 24, dtype=dtype)
+    with torch.inference_mode():
+        reference = model(x)
+        assert pack_linears(model) == 2
+        out = model(x)
+        with stock_linears():
+            stock = model(x)
+    assert all(type(m) is PackedLinear for m in (model[0], model[2]))
+    assert torch.equal(stock, reference)  # the context really runs the stock kernel
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, reference, atol=tol, rtol=tol)
+    assert not torch.equal(out.float(), torch.zeros_like(out.float()))
+
+
+def test_swap_is_in_place_and_reversible():
+    model = _mlp()
+    weight = model[0].weight
+    keys = list(model.state_dict())
+    pack_linears(model)
+    assert model[0].weight is weight and list(model.state_dict()) == keys
+    assert packed_linear_count(model) == 2
+    assert unpack_linears(model) == 2
+    assert type(model[0]) is nn.Linear and not hasattr(model[0], "_packed")
+    assert packed_linear_count(model) == 0
+
+
+def test_a_weight_edited_or_replaced_after_packing_is_repacked():
+    model = _mlp()
+    x = torch.randn(5, 24)
+    pack_linears(model)
+    with torch.inference_mode():
+        before = model(x)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # in place: the packed copy is stale
+    with torch.inference_mode():
+        edited = model(x)
+        with stock_linears():
+            torch.testing.assert_close(edited, model(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, edited)
+    model[2].weight = nn.Parameter(torch.zeros(8, 48))  # replaced
+    with torch.inference_mode():
+        assert torch.equal(model(x), torch.zeros(5, 8))
+
+
+def test_copies_and_pickles_drop_the_packed_copy_and_still_work():
+    model = _mlp()
+    pack_linears(model)
+    x = torch.randn(4, 24)
+    with torch.inference_mode():
+        reference = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone[0]) is PackedLinear
+        with torch.inference_mode():
+            assert torch.equal(clone(x), reference)
+
+
+def test_training_falls_back_to_the_stock_kernel_with_gradients():
+    model = _mlp()
+    pack_linears(model)
+    model(torch.randn(3, 24)).sum().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+def test_nothing_is_packed_when_memory_is_short(monkeypatch, caplog):
+    model = _mlp()
+    monkeypatch.setattr(packed_module, "_available_memory", lambda: 1024)
+    with caplog.at_level("INFO", logger=packed_module.__name__):
+        assert pack_linears(model) == 0
+    assert packed_linear_count(model) == 0 and "Not packing" in caplog.text
+    assert pack_linears(model, max_memory_share=None) == 2
+
+
+def test_other_dtypes_and_subclasses_are_left_alone():
+    class CustomLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4).half(), CustomLinear(4, 4))
+    assert pack_linears(model) == 0
+    assert type(model[0]) is nn.Linear and type(model[1]) is CustomLinear
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("method", ["ngram", "vanilla"])
+def test_decoder_on_packed_weights_equals_generate_on_the_same_model(arch, method):
+    model = tiny_model(arch)
+    tokenizer = IdTokenizer()
+    prompt = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7] * 3
+    with torch.inference_mode():
+        stock_logits = model(torch.tensor([prompt])).logits
+    pack_linears(model, max_memory_share=None)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, stock_logits, atol=1e-4, rtol=1e-4)
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                   pad_token_id=1)[0, len(prompt):].tolist()
+    decoder = HybridSpecDecoder(model, tokenizer)
+    out = decoder.generate(prompt, documents=[" ".join(map(str, prompt))], method=method, max_new_tokens=40)
+    assert list(out.token_ids) == reference
+    assert packed_linear_count(model) == len([m for m in model.modules() if isinstance(m, nn.Linear)])
+
+
+def test_non_cpu_inputs_take_the_stock_path(monkeypatch):
+    """Inputs on another device (here: meta) never reach the oneDNN op, which handles CPU tensors only."""
+    model = _mlp()
+    pack_linears(model)
+    calls = []
+    monkeypatch.setattr(packed_module.F, "linear", lambda *args: calls.append(args) or "stock")
+    assert model[0](torch.empty(2, 24, device="meta")) == "stock" and calls
+
+
+def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_decoder):
+    from hsd_rag.tuning import profile_key
+
+    model, head = default_decoder.model, default_decoder.head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert packed_linear_count(model) == len(linears) > 100
+    assert head is not None and packed_linear_count(head) > 0
+    packed_key = profile_key(default_decoder)
+    unpack_linears(model)
+    try:
+        assert profile_key(default_decoder) != packed_key  # a tuned profile belongs to one set of kernels
+    finally:
+        pack_linears(model, max_memory_share=None)
+    assert profile_key(default_decoder) == packed_key
+
+
+def test_load_target_can_keep_the_stock_kernels(tmp_path):
+    from hsd_rag.loading import load_target
+    from tests.test_streaming_text import byte_fallback_tokenizer
+
+    tiny_model("llama", layers=1, hidden=32).save_pretrained(tmp_path)
+    byte_fallback_tokenizer().save_pretrained(tmp_path)
+    assert packed_linear_count(load_target(tmp_path, device="cpu")[0]) > 0
+    assert packed_linear_count(load_target(tmp_path, device="cpu", packed_weights=False)[0]) == 0
