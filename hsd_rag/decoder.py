@@ -125,6 +125,8 @@ class HybridSpecDecoder:
         # earlier answers, an n-gram draft source (bounded; generated tokens only); per-call `answer_history=False`
         self.answer_history = answer_history if answer_history is not None else AnswerHistory()
         self.default_method = default_method or ("hybrid" if head is not None else "ngram")
+        # whether asking a costly source (the head) pays, learned across requests (drafters/source_gate.py)
+        self.source_gates: dict = {}
         self.layout = AttentionLayout.of(model)  # unsupported attention kinds fail here, not mid-generation
         self.gate = gate_for(model)  # shared by every decoder on this model
         self._cache_arg = cache_kwarg_name(model)

@@ -26,6 +26,9 @@ DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_CONTEXT = 512  # a typical RAG prompt: a question plus a few retrieved passages
 DEFAULT_REPEATS = 9
 DRAFT_DEPTHS = (1, 6)  # head levels timed to split the EAGLE cost into a fixed part and a per-level part
+# Accepted pairs the head catches up on before drafting (a step's accepted tokens, about τ): part of the fixed
+# cost of asking it, measured with this many.
+CATCH_UP_PAIRS = 4
 
 
 def _threads(device_type: str) -> int:
@@ -85,7 +88,8 @@ def _time_forward(decoder, cache, root: int, n: int, context: int) -> float:
 
 
 def _time_eagle(decoder, prompt: list[int], repeats: int) -> dict[str, float] | None:
-    """Seconds of EAGLE drafting at DRAFT_DEPTHS levels (budget 64, no early exit) after a real prefill."""
+    """Seconds of EAGLE drafting at DRAFT_DEPTHS levels (budget 64, no early exit) after a real prefill, and of
+    catching up on CATCH_UP_PAIRS accepted pairs ("catch_up")."""
     if decoder.head is None:
         return None
     from hsd_rag.drafters.eagle import EagleDrafter
@@ -107,9 +111,20 @@ def _time_eagle(decoder, prompt: list[int], repeats: int) -> dict[str, float] | 
                 drafter.propose(context)
                 _wait(model)
                 samples[depth].append(time.perf_counter() - start)
+        catch_up = []
+        for _ in range(repeats):  # the head's cache grows by a few pairs each time, as in decoding
+            features = torch.randn(CATCH_UP_PAIRS, decoder.head.feature_size, device=decoder.head.device)
+            tokens = prompt[:CATCH_UP_PAIRS]
+            _wait(model)
+            start = time.perf_counter()
+            drafter.catch_up(features, tokens)
+            _wait(model)
+            catch_up.append(time.perf_counter() - start)
     finally:
         drafter.close()
-    return {d: statistics.median(s) for d, s in samples.items()}
+    times = {d: statistics.median(s) for d, s in samples.items()}
+    times["catch_up"] = statistics.median(catch_up)
+    return times
 
 
 def measure_profile(
@@ -141,7 +156,8 @@ def measure_profile(
     if eagle is not None:
         low, high = min(DRAFT_DEPTHS), max(DRAFT_DEPTHS)
         per_level = max(0.0, (eagle[high] - eagle[low]) / (high - low)) / base
-        draft_costs["eagle"] = {"fixed": max(0.0, eagle[low] / base - per_level * low), "per_level": per_level}
+        fixed = max(0.0, eagle[low] / base - per_level * low) + eagle["catch_up"] / base
+        draft_costs["eagle"] = {"fixed": fixed, "per_level": per_level}
     return CostProfile(
         tokens=list(sizes),
         relative_cost=[times[n] / base for n in sizes],

@@ -241,6 +241,26 @@ def test_budget_zero_steps_and_a_one_token_prompt(target):
     assert harness.tokens[len(prompt) :][:max_new] == hf_greedy(target, prompt, max_new)
 
 
+def test_a_drafter_first_asked_steps_after_the_prefill_stays_in_sync(target):
+    """A source gate may skip the head from a request's first step (what it learned on earlier requests): the
+    prefill's features then arrive with the first tree forward's, and the head must still catch up exactly."""
+    head = make_head(target, "eagle3", seed=3)
+    drafter = EagleDrafter(target, head, depth=3, top_k=2)
+    max_new = 16
+    with torch.inference_mode():
+        harness = Harness(target, drafter, PROMPT)
+        for _ in range(2):  # skipped: the loop verifies a root-only tree without asking the drafter
+            harness.step(TokenTree.root(harness.tokens[-1]))
+            assert drafter.cache_length + drafter.pending == harness.past
+        while len(harness.tokens) - len(PROMPT) < max_new:
+            tree = harness.propose(6)
+            assert tree.num_drafts == 6
+            harness.step(tree)
+            assert drafter.cache_length + drafter.pending == harness.past
+        drafter.close()
+    assert harness.tokens[len(PROMPT) :][:max_new] == hf_greedy(target, PROMPT, max_new)
+
+
 def test_close_removes_hooks_and_protocol_misuse_is_explained(target):
     head = make_head(target, "eagle3")
     drafter = EagleDrafter(target, head, depth=2, top_k=2)

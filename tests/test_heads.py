@@ -122,7 +122,7 @@ def write_official(directory, state, config, bin_format: bool = True):
 def test_official_eagle3_layout_loads(tmp_path, target, bin_format):
     state = official_eagle3_state()
     folder = write_official(tmp_path / "head", state, official_config(draft_vocab_size=DRAFT_VOCAB), bin_format)
-    head = load_head(folder, target)
+    head = load_head(folder, target, dtype=target.dtype)
     assert isinstance(head, Eagle3Head) and head.kind == "eagle3"
     loaded = head.state_dict()
     assert set(loaded) == set(state)  # no embedding, no RoPE buffers: exactly the official keys
@@ -176,12 +176,27 @@ def test_eagle3_round_trip_is_exact(tmp_path, target, safe):
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["draft_vocab_size"] == DRAFT_VOCAB
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
-    again = load_head(folder, target)
+    again = load_head(folder, target, dtype=target.dtype)
     for key, value in head.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     features, ids = torch.randn(1, 5, 3 * HIDDEN), torch.randint(0, VOCAB, (1, 5))
     assert torch.equal(head(features, ids).logits, again(features, ids).logits)
     assert json.loads((save_head(again, tmp_path / "twice") / "config.json").read_text()) == config
+
+
+def test_an_eagle3_head_of_a_float32_cpu_target_drafts_in_bf16_where_the_cpu_has_it(tmp_path, target, monkeypatch):
+    """The head's precision picks drafts, never the output; bf16 is the default only with native bf16 matmuls."""
+    from hsd_rag.heads import checkpoint
+
+    folder = save_head(random_eagle3(target), tmp_path / "saved")
+    monkeypatch.setattr(checkpoint, "_cpu_draft_dtype", lambda: torch.bfloat16)
+    assert load_head(folder, target).fc.weight.dtype == torch.bfloat16
+    assert load_head(folder, target, dtype=torch.float32).fc.weight.dtype == torch.float32  # asked for: kept
+    monkeypatch.setattr(checkpoint, "_cpu_draft_dtype", lambda: None)  # a CPU without native bf16
+    assert load_head(folder, target).fc.weight.dtype == torch.float32
+    e1 = save_head(Eagle1Head.from_target(target), tmp_path / "e1")
+    monkeypatch.setattr(checkpoint, "_cpu_draft_dtype", lambda: torch.bfloat16)
+    assert load_head(e1, target).fc.weight.dtype == torch.float32  # EAGLE-1 borrows the target's lm_head
 
 
 def test_eagle1_round_trip_is_exact(tmp_path, target):

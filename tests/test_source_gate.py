@@ -96,3 +96,22 @@ def test_costly_source_gets_the_free_trees_entry_floor_and_a_fixed_budget_asks_e
         fixed.fuse(ctx(16, auto=False), [ngram, weak])  # the caller chose the tree size: fill it from all
         unknown.fuse(no_profile, [ngram, weak])
     assert weak.calls == 30
+
+
+def test_a_decoders_gates_carry_what_they_learned_into_the_next_request():
+    ngram = ChainDrafter("ngram", SOURCE_NGRAM, [1, 2, 3, 4, 5, 6], [0.95, 0.9, 0.86, 0.82, 0.78, 0.74])
+    weak = ChainDrafter("eagle", SOURCE_EAGLE, [9, 9], [0.02, 0.01], levels=6)
+    shared: dict = {}
+    first = AdaptiveFusion(gates=shared)
+    for _ in range(20):
+        first.fuse(ctx(16), [ngram, weak])
+    learned = weak.calls
+    second = AdaptiveFusion(gates=shared)  # the next request of the same decoder
+    assert second.gate_counts() == {"eagle": (0, 0)}  # per-request counters restart
+    for _ in range(FIRST_PROBE - 1):
+        second.fuse(ctx(16), [ngram, weak])
+    assert weak.calls == learned  # skipped from its first step: no fresh exploration
+    fresh, fresh_weak = AdaptiveFusion(), ChainDrafter("eagle", SOURCE_EAGLE, [9, 9], [0.02, 0.01], levels=6)
+    for _ in range(FIRST_PROBE - 1):
+        fresh.fuse(ctx(16), [ngram, fresh_weak])
+    assert fresh_weak.calls == FIRST_PROBE - 1  # without the shared gates it explores again

@@ -220,7 +220,7 @@ def test_training_lowers_the_loss_and_the_saved_head_loads(tmp_path, target, ite
     assert after.weighted_loss(cfg.ttt_decay) < before.weighted_loss(cfg.ttt_decay)
 
     saved = export_head(trainer.head, tmp_path / "head", torch.bfloat16)
-    loaded = load_head(saved, target)
+    loaded = load_head(saved, target, dtype=target.dtype)
     assert isinstance(loaded, Eagle3Head) and loaded.fc.weight.dtype == target.dtype
     assert torch.equal(loaded.d2t, trainer.head.d2t) and torch.equal(loaded.t2d, trainer.head.t2d)
     for name, value in trainer.head.state_dict().items():

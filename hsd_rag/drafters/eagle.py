@@ -115,6 +115,13 @@ class EagleDrafter:
     @torch.inference_mode()
     def observe(self, outcome: StepOutcome) -> None:
         features = self.capture.pop()  # [1, n, F] from the tree forward
+        if self._awaiting_prefill and features is not None:
+            # not asked since the prefill (a gate skipped it): the prefill's rows come first
+            prefill_rows = len(self._pending_tokens)
+            if prefill_rows:
+                self._pending_features.append(features[0, :prefill_rows])
+            features = features[:, prefill_rows:]
+            self._awaiting_prefill = False
         rows = 0 if features is None else features.shape[1]
         if rows != len(outcome.tree):
             raise RuntimeError(
@@ -167,6 +174,13 @@ class EagleDrafter:
                 f"EagleDrafter is out of sync: {self.cache_length} cached + {self.pending} pending head pairs "
                 f"but {expected} tokens in the target cache."
             )
+
+    def catch_up(self, features: torch.Tensor, tokens: list[int]) -> None:
+        """Run the head now over accepted pairs (features [k, F] of the target, the tokens that followed them):
+        what `propose` does first each step with the pairs accepted since the head last ran (timed by tune)."""
+        self._pending_features.append(features)
+        self._pending_tokens.extend(int(t) for t in tokens)
+        self._run_pending()
 
     def _run_pending(self) -> None:
         """One head forward over the queued accepted pairs, appended to the cache for good."""

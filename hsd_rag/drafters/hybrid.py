@@ -50,9 +50,13 @@ class AdaptiveFusion:
 
     name = "adaptive"
 
-    def __init__(self, gated: bool = True):
+    def __init__(self, gated: bool = True, gates: dict[str, SourceGate] | None = None):
+        """`gates`: per costly source, shared by the requests of one decoder (learned gains carry over);
+        default: this request's own."""
         self.gated = gated
-        self._gates: dict[str, SourceGate] = {}  # per costly source, for this request
+        self._gates: dict[str, SourceGate] = gates if gates is not None else {}
+        for gate in self._gates.values():
+            gate.new_request()
 
     def fuse(self, context: DraftContext, drafters: Sequence[Drafter]) -> TokenTree:
         trees: list[TokenTree] = []

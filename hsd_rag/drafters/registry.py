@@ -31,7 +31,9 @@ def _ngram(decoder, cfg):
 DRAFTER_FACTORIES: dict[str, Callable] = {
     "ngram": _ngram,
     "eagle": lambda decoder, cfg: _eagle(decoder),
-    "hybrid": lambda decoder, cfg: HybridDrafter([_ngram(decoder, cfg), _eagle(decoder)], AdaptiveFusion()),
+    "hybrid": lambda decoder, cfg: HybridDrafter(
+        [_ngram(decoder, cfg), _eagle(decoder)], AdaptiveFusion(gates=getattr(decoder, "source_gates", None))
+    ),
     # the prototype's baseline: as published, no earlier answers
     "hybrid-fixed": lambda decoder, cfg: HybridDrafter([NgramDrafter(), _eagle(decoder)], FixedFusion()),
 }

@@ -12,6 +12,10 @@ r_free (how good the free tree already is), a running mean of the gain over the 
 the bucket's mean gain is positive or the bucket has too few samples, and otherwise re-asks only after a skip
 streak that doubles each time the gain stays negative (so a collapsed head costs O(log steps) asks per request,
 and one that recovers is noticed).
+
+A decoder keeps one gate per costly source across its requests (`new_request` resets only the per-request
+counters and skip streaks): a ~25-step answer is too short to learn the buckets from scratch, and what the head
+was worth on the last requests (a language it does not know, say) is the best first guess for the next one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ class SourceGate:
     @staticmethod
     def bucket(free_rate: float) -> int:
         return bisect_right(RATE_EDGES, free_rate)
+
+    def new_request(self) -> None:
+        """Start a request: the learned gains stay, the counters and skip streaks restart."""
+        self.asked = self.skipped = 0
+        for state in self._buckets.values():
+            state.skipped = 0
 
     def should_ask(self, free_rate: float) -> bool:
         state = self._buckets.setdefault(self.bucket(free_rate), _Bucket())

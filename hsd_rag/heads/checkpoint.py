@@ -105,7 +105,10 @@ def load_head(
 ) -> DraftHead:
     """Load an EAGLE-3 or EAGLE-1/2 head for `target_model`, checked against it, bound to its embedding.
 
-    dtype / device default to the target's dtype and its input embedding's device.
+    device defaults to the target's input embedding's device, dtype to the target's dtype, except that an EAGLE-3
+    head of a float32 target on a CPU with native bf16 matmuls runs in bfloat16: a head's precision only changes
+    which drafts it proposes, never the output (the target verifies every draft), and its drafting costs ~30 %
+    less time there (SmolLM2 head, 18.6 -> 13.4 ms per step, τ unchanged).
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config_dict, state = read_checkpoint(directory)
@@ -122,11 +125,23 @@ def load_head(
     if kind == "eagle3":
         _check_vocab_map(head, directory)
     embedding = target_model.get_input_embeddings()
-    head = head.to(device=device or embedding.weight.device, dtype=dtype or embedding.weight.dtype)
+    device = torch.device(device or embedding.weight.device)
+    if dtype is None:
+        cpu_fp32 = kind == "eagle3" and device.type == "cpu" and embedding.weight.dtype == torch.float32
+        dtype = (_cpu_draft_dtype() if cpu_fp32 else None) or embedding.weight.dtype
+    head = head.to(device=device, dtype=dtype)
     head.acceptance_priors = AcceptancePriors.load(directory)  # None when the head ships no priors
     if packed_linear_count(target_model):  # the head runs on the kernels the target was given
         pack_linears(head)
     return head.bind_target(target_model).eval()
+
+
+def _cpu_draft_dtype() -> torch.dtype | None:
+    """bfloat16 where this CPU multiplies it natively (oneDNN with AVX512-BF16/AMX), else None (keep the target's)."""
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _config_from_dict(config_dict: dict, state: dict[str, torch.Tensor], kind: str) -> LlamaConfig:
