@@ -5,7 +5,7 @@ Full-attention layers see every earlier position; sliding-window layers (Mistral
 `> query position - window` (HF's rule, the query itself included). A token tree has queries at several depths,
 so each node's mask row applies that rule at the node's own position, on top of the tree's ancestor rule.
 
-The cache is a `DynamicCache` of plain layers, kept by us rather than by HF's sliding-window layers, which
+The cache is a `DynamicCache` of plain layers (kv_cache.GrowingCache: appended in place, never re-copied), kept by us rather than by HF's sliding-window layers, which
 drop rows on every update and so cannot be rolled back past a rejected draft. After every forward we roll each
 layer back to the accepted path and then trim sliding layers to the `window - 1` newest rows: that is exactly
 what any query of the next tree can still see (a node at depth d sits at position past + d and needs keys
@@ -82,9 +82,9 @@ class AttentionLayout:
 
     def new_cache(self):
         """An empty cache whose layers keep every row we give them (trimming and rollback are ours)."""
-        from transformers import DynamicCache
+        from hsd_rag.kv_cache import GrowingCache
 
-        return DynamicCache()  # no config: plain layers, created lazily by the first forward
+        return GrowingCache()  # plain layers, created lazily by the first forward, appending without copies
 
     def _rows(self, cache, kind: str) -> int:
         """Rows currently held by the layers of `kind` (all layers of one kind hold the same rows)."""

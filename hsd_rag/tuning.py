@@ -17,7 +17,7 @@ import torch
 
 from hsd_rag.budget import CostProfile
 from hsd_rag.drafters.base import DraftContext
-from hsd_rag.kernels import packed_linear_count
+from hsd_rag.kernels import fast_kernel_names
 from hsd_rag.paths import cache_dir
 from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 from hsd_rag.verify import forward_tree, prefill
@@ -42,8 +42,9 @@ def profile_key(decoder) -> str:
         f"{name}|{model.config.hidden_size}|{model.config.num_hidden_layers}|{model.device.type}|{model.dtype}"
         f"|threads={_threads(model.device.type)}"
     )
-    if packed_linear_count(model):  # packed weights change the forward's cost curve (hsd_rag.kernels)
-        raw += "|kernels=packed"
+    kernels = fast_kernel_names(model)
+    if kernels:  # fast kernels change the forward's cost curve (hsd_rag.kernels)
+        raw += f"|kernels={'+'.join(kernels)}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

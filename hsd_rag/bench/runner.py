@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hsd_rag.drafters.answer_history import AnswerHistory
-from hsd_rag.kernels import stock_linears
+from hsd_rag.kernels import stock_kernels
 
 BASELINE = "hf"  # HF transformers `generate`, the reference for speed and for greedy outputs
 NO_HISTORY_SUFFIX = "/nohist"  # method label suffix: the same method without the earlier-answers index
@@ -126,7 +126,7 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
         torch.manual_seed(seed)
     clock = _FirstTokenClock()
     start = time.perf_counter()
-    with torch.inference_mode(), stock_linears():  # the baseline is transformers as users run it
+    with torch.inference_mode(), stock_kernels(model):  # the baseline is transformers as users run it
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),

@@ -1,5 +1,15 @@
-"""Faster CPU kernels for the target's own layers, swapped in without changing any model class."""
+"""Faster CPU kernels for the target's own layers, swapped in without changing any model class.
 
+`use_fast_kernels(model)` gives a CPU model's linear layers oneDNN-packed weights (packed_linear.py) and lets its
+grouped-query attention broadcast KV heads instead of copying them (gqa_attention.py); `load_target` does this by
+default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from hsd_rag.kernels.gqa_attention import GQA_SDPA, use_gqa_attention, use_stock_attention
 from hsd_rag.kernels.packed_linear import (
     PackedLinear,
     pack_linears,
@@ -8,4 +18,48 @@ from hsd_rag.kernels.packed_linear import (
     unpack_linears,
 )
 
-__all__ = ["PackedLinear", "pack_linears", "packed_linear_count", "stock_linears", "unpack_linears"]
+
+def use_fast_kernels(model) -> list[str]:
+    """Switch a model to the fast CPU kernels that apply to it; returns their names (empty: none applied)."""
+    names = []
+    if pack_linears(model):
+        names.append("packed-linear")
+    if use_gqa_attention(model):
+        names.append("gqa-sdpa")
+    return names
+
+
+def fast_kernel_names(model) -> list[str]:
+    """The fast kernels a model runs on now (part of a tuned cost profile's key)."""
+    names = []
+    if packed_linear_count(model):
+        names.append("packed-linear")
+    if getattr(model.config, "_attn_implementation", None) == GQA_SDPA:
+        names.append("gqa-sdpa")
+    return names
+
+
+@contextmanager
+def stock_kernels(model):
+    """Run a block on transformers' stock kernels (linear and attention), then switch back."""
+    gqa = getattr(model.config, "_attn_implementation", None) == GQA_SDPA
+    if gqa:
+        use_stock_attention(model)
+    try:
+        with stock_linears():
+            yield model
+    finally:
+        if gqa:
+            use_gqa_attention(model)
+
+
+__all__ = [
+    "PackedLinear",
+    "fast_kernel_names",
+    "pack_linears",
+    "packed_linear_count",
+    "stock_kernels",
+    "stock_linears",
+    "unpack_linears",
+    "use_fast_kernels",
+]

@@ -1,4 +1,4 @@
-"""hsd_rag.kernels: linear layers on oneDNN-packed weights are a drop-in for nn.Linear, and decoding stays lossless.
+"""hsd_rag.kernels: packed linear layers and copy-free GQA attention are drop-ins, and decoding stays lossless.
 
 Lossless here means: the decoder's greedy output equals `model.generate` on the same model object (both run on
 the packed kernels), and the packed kernel differs from the stock one only by float rounding.
@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from hsd_rag import HybridSpecDecoder
-from hsd_rag.kernels import PackedLinear, pack_linears, packed_linear_count, stock_linears, unpack_linears
+from hsd_rag.kernels import (
+    PackedLinear,
+    fast_kernel_names,
+    pack_linears,
+    packed_linear_count,
+    stock_linears,
+    unpack_linears,
+    use_fast_kernels,
+)
 from hsd_rag.kernels import packed_linear as packed_module
 from tests.tiny_models import IdTokenizer, tiny_model
 
@@ -113,13 +121,13 @@ def test_other_dtypes_and_subclasses_are_left_alone():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("method", ["ngram", "vanilla"])
-def test_decoder_on_packed_weights_equals_generate_on_the_same_model(arch, method):
+def test_decoder_on_fast_kernels_equals_generate_on_the_same_model(arch, method):
     model = tiny_model(arch)
     tokenizer = IdTokenizer()
     prompt = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7] * 3
     with torch.inference_mode():
         stock_logits = model(torch.tensor([prompt])).logits
-    pack_linears(model, max_memory_share=None)
+    use_fast_kernels(model)
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, stock_logits, atol=1e-4, rtol=1e-4)
@@ -129,6 +137,7 @@ def test_decoder_on_packed_weights_equals_generate_on_the_same_model(arch, metho
     out = decoder.generate(prompt, documents=[" ".join(map(str, prompt))], method=method, max_new_tokens=40)
     assert list(out.token_ids) == reference
     assert packed_linear_count(model) == len([m for m in model.modules() if isinstance(m, nn.Linear)])
+    assert fast_kernel_names(model) == ["packed-linear", "gqa-sdpa"]
 
 
 def test_non_cpu_inputs_take_the_stock_path(monkeypatch):
@@ -147,6 +156,7 @@ def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_d
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert packed_linear_count(model) == len(linears) > 100
     assert head is not None and packed_linear_count(head) > 0
+    assert fast_kernel_names(model) == ["packed-linear", "gqa-sdpa"]
     packed_key = profile_key(default_decoder)
     unpack_linears(model)
     try:
@@ -162,5 +172,39 @@ def test_load_target_can_keep_the_stock_kernels(tmp_path):
 
     tiny_model("llama", layers=1, hidden=32).save_pretrained(tmp_path)
     byte_fallback_tokenizer().save_pretrained(tmp_path)
-    assert packed_linear_count(load_target(tmp_path, device="cpu")[0]) > 0
-    assert packed_linear_count(load_target(tmp_path, device="cpu", packed_weights=False)[0]) == 0
+    fast = load_target(tmp_path, device="cpu")[0]
+    assert fast_kernel_names(fast) == ["packed-linear", "gqa-sdpa"] and packed_linear_count(fast) > 0
+    stock = load_target(tmp_path, device="cpu", fast_cpu_kernels=False)[0]
+    assert fast_kernel_names(stock) == [] and stock.config._attn_implementation == "sdpa"
+    eager = load_target(tmp_path, device="cpu", attn_implementation="eager")[0]
+    assert fast_kernel_names(eager) == ["packed-linear"]  # a chosen attention implementation is kept
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_gqa_attention_gives_the_same_tree_logits_bit_for_bit(arch):
+    """Broadcasting KV heads in the kernel instead of copying them changes no number (tree forward, mask on)."""
+    from hsd_rag.attention_layout import AttentionLayout
+    from hsd_rag.kernels import stock_kernels, use_fast_kernels
+    from hsd_rag.tree import TokenTree
+    from hsd_rag.verify import forward_tree, prefill
+
+    model = tiny_model(arch)
+    layout = AttentionLayout.of(model)
+    prompt = list(range(2, 60))
+    tree = TokenTree.root(5)
+    for token, parent in [(6, 0), (7, 1), (8, 0), (9, 2), (10, 3), (11, 1)]:
+        tree.add(parent, token, 0.5, 1)
+
+    def logits():
+        cache = layout.new_cache()
+        with torch.inference_mode():
+            prefill(model, cache, prompt)
+            return forward_tree(model, cache, tree, len(prompt), layout=layout)
+
+    reference = logits()
+    assert "gqa-sdpa" in use_fast_kernels(model)
+    with stock_kernels(model):
+        assert model.config._attn_implementation == "sdpa" and torch.equal(logits(), reference)
+    assert model.config._attn_implementation == "hsd_rag_gqa_sdpa"
+    with stock_linears():  # attention alone: bit for bit
+        assert torch.equal(logits(), reference)
