@@ -78,6 +78,18 @@ def test_copying_a_document_phrase_drafts_its_continuation():
     assert first_child_chain(tree) == DOC[9:15]
 
 
+def test_a_repetition_is_drafted_past_the_end_of_its_latest_period():
+    """A looping answer ("A B C A B C A B C"): the longest match ends where the text ends, one period on; the
+    draft continues from the shorter suffix that occurs earlier, as deep as max_depth allows."""
+    period = [40, 41, 42, 43, 44]
+    prompt = [7, 8, 9] + period * 3
+    drafter = started(prompt, [], max_depth=12)
+    chain = first_child_chain(drafter.propose(context(prompt, BIG_BUDGET)))
+    assert chain == (period * 3)[:12]
+    shallow = started(prompt, [], max_depth=4)
+    assert first_child_chain(shallow.propose(context(prompt, BIG_BUDGET))) == period[:4]
+
+
 def test_longer_match_ranks_first_and_shorter_matches_add_alternatives():
     # "1 2" was followed by 3; "2" alone also by 5 and 6: the root offers 3 first, then 5 and 6 below it.
     drafter = started([9, 1, 2], [[1, 2, 3], [4, 2, 5], [4, 2, 6]])

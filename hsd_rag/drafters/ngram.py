@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from hsd_rag.drafters.answer_history import AnswerHistory, longest_suffix_match
 from hsd_rag.drafters.base import DraftContext, StepOutcome, record_outcomes
 from hsd_rag.drafters.ngram_calibration import NgramCalibrator
-from hsd_rag.drafters.suffix_automaton import MATCH_WALK_LIMIT, SuffixAutomaton
+from hsd_rag.drafters.suffix_automaton import MATCH_WALK_LIMIT, NO_LINK, SuffixAutomaton
 from hsd_rag.tree import SOURCE_HISTORY, SOURCE_NGRAM, TokenTree
 
 # Shortest matched suffix (tokens, root included) that may propose anything. 1 = the pending token alone.
@@ -151,7 +151,17 @@ class NgramDrafter:
 
         def push_children(index: _Index, node: int, score: float, state: int, context_length: int, depth: int,
                           path: tuple[int, ...], skip: set[int] | None = None) -> None:
-            children, total = index.automaton.top_transitions(state, self.max_branch)
+            automaton = index.automaton
+            children, total = automaton.top_transitions(state, self.max_branch)
+            while not children and depth > 0:
+                # The drafted context reached the end of the text it was copied from (e.g. the latest period
+                # of a repetition, whose next period is still being drafted): continue from the longest
+                # shorter suffix that occurs with a continuation, scored by its shorter match length.
+                state = automaton.link(state)
+                if state == NO_LINK or automaton.length(state) < self.min_match:
+                    return
+                context_length = automaton.length(state)
+                children, total = automaton.top_transitions(state, self.max_branch)
             for token, child, count in children:
                 if skip is not None:
                     if token in skip:
