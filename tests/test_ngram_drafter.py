@@ -86,8 +86,22 @@ def test_a_repetition_is_drafted_past_the_end_of_its_latest_period():
     drafter = started(prompt, [], max_depth=12)
     chain = first_child_chain(drafter.propose(context(prompt, BIG_BUDGET)))
     assert chain == (period * 3)[:12]
-    shallow = started(prompt, [], max_depth=4)
+    shallow = started(prompt, [], max_depth=4, max_depth_long_match=4)
     assert first_child_chain(shallow.propose(context(prompt, BIG_BUDGET))) == period[:4]
+
+
+def test_a_long_match_may_draft_as_deep_as_the_match():
+    """Speculation sized by match length (suffix decoding's rule): past max_depth only after a longer match."""
+    doc = list(range(200, 260))
+    long_prompt = [7, *doc[:20]]  # the answer so far copies 20 tokens of the document
+    tree = started(long_prompt, [doc], max_depth=6, max_depth_long_match=14).propose(context(long_prompt, 64))
+    assert first_child_chain(tree) == doc[20:34]  # 14 deep: min(max_depth_long_match, match of 20)
+    mid_prompt = [7, *doc[:9]]
+    tree = started(mid_prompt, [doc], max_depth=6, max_depth_long_match=14).propose(context(mid_prompt, 64))
+    assert first_child_chain(tree) == doc[9:18]  # as deep as the 9-token match
+    short_prompt = [7, *doc[:3]]
+    tree = started(short_prompt, [doc], max_depth=6, max_depth_long_match=14).propose(context(short_prompt, 64))
+    assert first_child_chain(tree) == doc[3:9]  # a short match keeps max_depth
 
 
 def test_longer_match_ranks_first_and_shorter_matches_add_alternatives():

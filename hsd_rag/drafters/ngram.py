@@ -34,6 +34,9 @@ from hsd_rag.tree import SOURCE_HISTORY, SOURCE_NGRAM, TokenTree
 # they lose to better drafts under the budget; 2 would miss every copy whose entry point is a single token.
 MIN_MATCH = 1
 MAX_DEPTH = 10  # deepest draft (tokens after the root); copies rarely stay accepted longer per step
+# ... unless the match the chain started from is longer: then the chain may be as deep as that match (suffix
+# decoding's rule, speculation sized by match length), up to this many tokens.
+MAX_DEPTH_LONG_MATCH = 24
 MAX_BRANCH = 4  # continuations considered per node, most frequent first
 # Shorter suffix matches whose extra continuations are also offered at the root (alternatives the longest
 # match never saw); 0 = the longest match only.
@@ -61,6 +64,7 @@ class NgramDrafter:
         self,
         min_match: int = MIN_MATCH,
         max_depth: int = MAX_DEPTH,
+        max_depth_long_match: int = MAX_DEPTH_LONG_MATCH,
         max_branch: int = MAX_BRANCH,
         max_backoff: int = MAX_BACKOFF,
         match_walk_limit: int = MATCH_WALK_LIMIT,
@@ -71,6 +75,7 @@ class NgramDrafter:
             raise ValueError("need min_match >= 1, max_depth >= 0, max_branch >= 1, max_backoff >= 0")
         self.min_match = min_match
         self.max_depth = max_depth
+        self.max_depth_long_match = max(max_depth, max_depth_long_match)
         self.max_branch = max_branch
         self.max_backoff = max_backoff
         self.match_walk_limit = match_walk_limit
@@ -189,7 +194,8 @@ class NgramDrafter:
             neg_score, _, parent, token, index, state, context_length, depth, bucket, path = heapq.heappop(heap)
             node = tree.add(parent, token, -neg_score, index.source)
             index.proposed[path] = bucket
-            if depth < self.max_depth:
+            root_match = context_length - depth  # the match the chain started from (less after a back-off)
+            if depth < min(self.max_depth_long_match, max(self.max_depth, root_match)):
                 push_children(index, node, -neg_score, state, context_length, depth, path)
 
     def observe(self, outcome: StepOutcome) -> None:

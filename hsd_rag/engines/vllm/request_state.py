@@ -34,7 +34,7 @@ class RequestDrafts:
             raise ValueError(f"prompt_length must be in 1..{len(tokens)}, got {prompt_length}")
         self.tokens = [int(token) for token in tokens]  # prompt + output so far (vLLM's row)
         self.prompt_length = prompt_length
-        self.drafter = NgramDrafter(max_depth=max_depth)
+        self.drafter = NgramDrafter(max_depth=max_depth, max_depth_long_match=max_depth)  # vLLM takes <= k
         self.drafter.start(self.tokens, documents)
         self.retired = False  # its output went to the answer index (it left the batch once)
         self._chain: TokenTree | None = None  # the drafts vLLM verifies this step, as a one-path tree
