@@ -41,10 +41,7 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length()
         needed = length + key_states.shape[-2]
         keys, values = self._key_buffer, self._value_buffer
-        if (
-            length and not (_is_prefix_view(keys, self.keys) and _is_prefix_view(values, self.values))
-        ) or keys is None or needed > keys.shape[-2] or keys.shape[:-2] != key_states.shape[:-2] \
-                or keys.dtype != key_states.dtype or keys.device != key_states.device:
+        if not self._can_append(key_states, length, needed):
             capacity = needed + max(MIN_SPARE_ROWS, needed // 2)
             keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
             values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
@@ -56,6 +53,15 @@ class GrowingLayer(DynamicLayer):
         values[..., length:needed, :].copy_(value_states)
         self.keys, self.values = keys[..., :needed, :], values[..., :needed, :]
         return self.keys, self.values
+
+    def _can_append(self, key_states: torch.Tensor, length: int, needed: int) -> bool:
+        """The buffer exists, matches the new rows, has room, and `keys` / `values` are still its first rows."""
+        keys = self._key_buffer
+        if keys is None or needed > keys.shape[-2] or keys.shape[:-2] != key_states.shape[:-2]:
+            return False
+        if keys.dtype != key_states.dtype or keys.device != key_states.device:
+            return False
+        return not length or (_is_prefix_view(keys, self.keys) and _is_prefix_view(self._value_buffer, self.values))
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None

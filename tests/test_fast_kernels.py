@@ -26,7 +26,7 @@ from hsd_rag.kernels import (
 from hsd_rag.kernels import packed_linear as packed_module
 from tests.tiny_models import IdTokenizer, tiny_model
 
-pytestmark = pytest.mark.skipif(not packed_module._oneDNN_linear_available(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not packed_module.onednn_linear_available(), reason="torch built without oneDNN")
 
 
 def _mlp() -> nn.Module:

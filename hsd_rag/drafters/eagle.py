@@ -114,14 +114,10 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def observe(self, outcome: StepOutcome) -> None:
-        features = self.capture.pop()  # [1, n, F] from the tree forward
-        if self._awaiting_prefill and features is not None:
-            # not asked since the prefill (a gate skipped it): the prefill's rows come first
-            prefill_rows = len(self._pending_tokens)
-            if prefill_rows:
-                self._pending_features.append(features[0, :prefill_rows])
-            features = features[:, prefill_rows:]
-            self._awaiting_prefill = False
+        if self._awaiting_prefill:  # not asked since the prefill (a gate skipped it): its rows come first
+            features = self._take_prefill_features(then_rows=len(outcome.tree))
+        else:
+            features = self.capture.pop()  # [1, n, F] from the tree forward
         rows = 0 if features is None else features.shape[1]
         if rows != len(outcome.tree):
             raise RuntimeError(
@@ -155,17 +151,21 @@ class EagleDrafter:
         """Accepted pairs queued for the next head forward."""
         return len(self._pending_tokens)
 
-    def _take_prefill_features(self) -> None:
-        features = self.capture.pop()  # [1, P - 1, F], or None for a one-token prompt
+    def _take_prefill_features(self, then_rows: int = 0) -> torch.Tensor | None:
+        """Queue the prefill's features ([1, P - 1, F], none for a one-token prompt); when observe() comes first,
+        the tree forward's `then_rows` rows follow them in the capture and are returned."""
+        features = self.capture.pop()
+        prefill_rows = len(self._pending_tokens)
         rows = 0 if features is None else features.shape[1]
-        if rows != len(self._pending_tokens):
+        if rows < prefill_rows or (not then_rows and rows != prefill_rows):
             raise RuntimeError(
-                f"EagleDrafter expected prefill features for {len(self._pending_tokens)} prompt tokens "
+                f"EagleDrafter expected prefill features for {prefill_rows} prompt tokens "
                 f"(prompt[:-1]) but captured {rows}: start() must precede the prefill forward."
             )
-        if features is not None:
-            self._pending_features.append(features[0])
+        if prefill_rows:
+            self._pending_features.append(features[0, :prefill_rows])
         self._awaiting_prefill = False
+        return features[:, prefill_rows:] if features is not None and then_rows else None
 
     def _check_in_sync(self, context: DraftContext) -> None:
         expected = len(context.token_ids) - 1  # the target's cache length

@@ -55,8 +55,10 @@ class AdaptiveFusion:
         default: this request's own."""
         self.gated = gated
         self._gates: dict[str, SourceGate] = gates if gates is not None else {}
-        for gate in self._gates.values():
+        self._counts: dict[str, list[int]] = {}  # per costly source: [asked, skipped] in this request
+        for name, gate in self._gates.items():
             gate.new_request()
+            self._counts[name] = [0, 0]
 
     def fuse(self, context: DraftContext, drafters: Sequence[Drafter]) -> TokenTree:
         trees: list[TokenTree] = []
@@ -69,8 +71,11 @@ class AdaptiveFusion:
             free_scores = _sorted_scores(trees, context)
             free_rate = _rate(profile, free_scores, context, 0.0)
             gate = self._gates.setdefault(drafter.name, SourceGate())
+            counts = self._counts.setdefault(drafter.name, [0, 0])
             if not gate.should_ask(free_rate):
+                counts[1] += 1
                 continue
+            counts[0] += 1
             levels_before = getattr(drafter, "levels_drafted", 0)
             floor = free_scores[context.budget - 1] if len(free_scores) >= context.budget > 0 else 0.0
             tree = drafter.propose(replace(context, min_score=max(context.min_score, floor)))
@@ -84,7 +89,7 @@ class AdaptiveFusion:
 
     def gate_counts(self) -> dict[str, tuple[int, int]]:
         """Per costly source: (steps it was asked, steps it was skipped) in this request."""
-        return {name: (gate.asked, gate.skipped) for name, gate in self._gates.items()}
+        return {name: (asked, skipped) for name, (asked, skipped) in self._counts.items()}
 
 
 def _sorted_scores(trees: Sequence[TokenTree], context: DraftContext) -> list[float]:

@@ -13,8 +13,8 @@ the bucket's mean gain is positive or the bucket has too few samples, and otherw
 streak that doubles each time the gain stays negative (so a collapsed head costs O(log steps) asks per request,
 and one that recovers is noticed).
 
-A decoder keeps one gate per costly source across its requests (`new_request` resets only the per-request
-counters and skip streaks): a ~25-step answer is too short to learn the buckets from scratch, and what the head
+A decoder keeps one gate per costly source across its requests (`new_request` restarts only the skip streaks;
+`asked` / `skipped` count over the gate's life, the fusion counts each request's): a ~25-step answer is too short to learn the buckets from scratch, and what the head
 was worth on the last requests (a language it does not know, say) is the best first guess for the next one.
 """
 
@@ -53,8 +53,7 @@ class SourceGate:
         return bisect_right(RATE_EDGES, free_rate)
 
     def new_request(self) -> None:
-        """Start a request: the learned gains stay, the counters and skip streaks restart."""
-        self.asked = self.skipped = 0
+        """Start a request: the learned gains stay, the skip streaks restart."""
         for state in self._buckets.values():
             state.skipped = 0
 

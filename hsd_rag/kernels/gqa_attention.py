@@ -42,9 +42,8 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if GQA_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)  # the masks transformers builds are sdpa's
+    AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)  # idempotent: a dict update
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)  # the masks transformers builds are sdpa's
 
 
 def use_gqa_attention(model) -> bool:

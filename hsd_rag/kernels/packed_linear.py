@@ -19,6 +19,7 @@ import logging
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cache
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _STOCK = ContextVar("hsd_rag_stock_linears", default=False)  # set by `stock_linears()` for the current thread
 
 
-def _oneDNN_linear_available() -> bool:
+@cache
+def onednn_linear_available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -75,8 +77,7 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(self.__dict__)
         state["_packed"], state["_packed_key"] = None, None  # opaque oneDNN tensors cannot be copied or pickled
         return state
 
@@ -105,7 +106,7 @@ def pack_linears(model: nn.Module, *, max_memory_share: float | None = 0.5) -> i
     another device, in other dtypes, or on a torch build without oneDNN are left as they are (returns 0).
     """
     linears = [m for m in _linears(model, nn.Linear) if m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE_DTYPES]
-    if not linears or not _oneDNN_linear_available():
+    if not linears or not onednn_linear_available():
         return 0
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = _available_memory()
