@@ -36,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _cmd_bench(args) -> int:
     from contextlib import ExitStack
 
-    from hsd_rag.bench.datasets import load_cases
+    from hsd_rag.bench.datasets import load_cases, load_warmup_case
     from hsd_rag.bench.peer_report import engines_table, headline
     from hsd_rag.bench.peers import PeerPool, describe, parse_peers, sigterm_as_exit
     from hsd_rag.bench.report import markdown_table, summarize, total_mismatches, write_report
@@ -47,6 +47,7 @@ def _cmd_bench(args) -> int:
     dec = _decoder(args)
     cases = load_cases(args.dataset, limit=args.limit, tokenizer=dec.tokenizer,
                        max_context_tokens=args.max_context_tokens)
+    warmup_case = load_warmup_case(args.dataset, args.limit, dec.tokenizer, args.max_context_tokens)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [b if b == "auto" else int(b) for b in str(args.budgets).split(",")]
     load_at_start = os.getloadavg()[0]
@@ -62,7 +63,7 @@ def _cmd_bench(args) -> int:
                 print(f"hsd-rag: error: {err}", file=sys.stderr)
                 return 2
         records = run_benchmark(dec, cases, methods, budgets, args.max_new_tokens, args.temperature,
-                                seed=args.seed, peers=peers)
+                                seed=args.seed, peers=peers, warmup_case=warmup_case)
         peer_line = describe(peers) if peers is not None else ""
     summaries = summarize(records)
     import platform

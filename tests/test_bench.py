@@ -374,3 +374,48 @@ def test_mmarco_offline_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "HfFileSystem", OfflineFileSystem)
     with pytest.raises(hub_datasets.HubDatasetUnavailable, match="unicamp-dl/mmarco/data/qrels.dev.small.tsv"):
         load_cases("mmarco:fr", limit=2)
+
+
+# ---- warm-up: never a measured prompt ---------------------------------------------------------------------------
+
+
+def _spy_runs(monkeypatch) -> list[str]:
+    from hsd_rag.bench import runner
+
+    seen: list[str] = []
+    real = runner._run
+
+    def spy(decoder, case, *args, **kwargs):
+        seen.append(case.id)
+        return real(decoder, case, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run", spy)
+    return seen
+
+
+def test_warm_up_runs_an_unmeasured_prompt_first(tiny_decoder, tiny_cases, monkeypatch):
+    """A prefix cache or a cache of earlier answers (vLLM's suffix decoding) must not see a measured prompt early."""
+    seen = _spy_runs(monkeypatch)
+    run_benchmark(tiny_decoder, tiny_cases[:1], ["ngram"], [4], MAX_NEW, progress=False)
+    assert seen == ["warmup", "warmup", tiny_cases[0].id, tiny_cases[0].id]  # HF and ngram, warm-up then measured
+
+    seen.clear()
+    given = BenchCase("spare", "tiny", PROMPTS[1])
+    run_benchmark(tiny_decoder, tiny_cases[:1], ["ngram"], [4], MAX_NEW, progress=False, warmup_case=given)
+    assert seen[:2] == ["spare", "spare"]
+
+
+def test_reversed_warmup_case_shares_no_prefix(tiny_decoder, tiny_cases):
+    from hsd_rag.bench.runner import reversed_warmup_case
+
+    case = reversed_warmup_case(tiny_decoder, tiny_cases[0])
+    assert case.prompt == PROMPTS[0][::-1] and case.prompt[0] != PROMPTS[0][0]
+
+
+def test_load_warmup_case_is_the_first_sets_next_prompt():
+    from hsd_rag.bench.datasets import load_warmup_case
+
+    measured = {c.id for c in load_cases("builtin-en,builtin-fr", limit=2)}
+    warm = load_warmup_case("builtin-en,builtin-fr", 2)
+    assert warm.id not in measured and warm.id == load_cases("builtin-en", limit=3)[2].id
+    assert load_warmup_case("builtin-en", 10_000) is None  # the whole set is measured: the runner's fallback

@@ -80,3 +80,17 @@ def load_cases(name: str, limit: int | None = None, tokenizer=None,
     if not cases and limit != 0:
         raise ValueError(f"No prompts in {name!r}.")
     return cases
+
+
+def load_warmup_case(name: str, limit: int | None, tokenizer=None,
+                     max_context_tokens: int = PROTOTYPE_CONTEXT_TOKENS) -> BenchCase | None:
+    """The first named set's prompt right after the `limit` measured ones, for warming engines up; None if none.
+
+    A measured prompt must not be the warm-up: vLLM's prefix cache and its suffix decoder's cache of earlier
+    answers would then get that prompt's prefill and part of its answer for free.
+    """
+    first = next((p.strip() for p in name.split(NAME_SEPARATOR) if p.strip()), "")
+    if limit is None or not first:
+        return None
+    cases = load_cases(first, limit + 1, tokenizer, max_context_tokens)
+    return cases[limit] if len(cases) > limit else None

@@ -201,10 +201,12 @@ def run_benchmark(
     warmup: bool = True,
     progress: bool = True,
     peers=None,
+    warmup_case: BenchCase | None = None,
 ) -> list[BenchRecord]:
     """Run HF generate and each (method, budget) on every case; returns one record per run.
 
     `peers`: a running hsd_rag.bench.peers.PeerPool whose engines join the rotation (one variant each).
+    `warmup_case`: an unmeasured prompt every variant runs once first (default: `reversed_warmup_case`).
     """
     budgets = list(budgets)
     variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
@@ -212,18 +214,31 @@ def run_benchmark(
     variants += [(name, None) for name in (peers.names if peers is not None else [])]
     own_history = decoder.answer_history
     try:
-        return _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress,
-                            peers)
+        if warmup and cases:
+            _warm_up(decoder, variants, warmup_case or reversed_warmup_case(decoder, cases[0]),
+                     min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed, peers)
+        return _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, progress, peers)
     finally:
         decoder.answer_history = own_history
 
 
-def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, warmup, progress, peers):
-    if warmup and cases:  # first calls pay one-off costs (allocator, kernels): keep them out of the timings
-        for method, budget in variants:
-            decoder.answer_history = AnswerHistory()  # a throwaway: the warm-up answer must not be drafted from
-            _run(decoder, cases[0], method, budget, min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed,
-                 peers)
+def reversed_warmup_case(decoder, case: BenchCase) -> BenchCase:
+    """`case`'s prompt tokens in reverse: the same kernel shapes, but no shared prefix and a different answer.
+
+    The warm-up must never be a measured prompt: vLLM's prefix cache and its suffix decoder's cache of earlier
+    answers would then get that prompt's prefill and part of its answer for free.
+    """
+    return BenchCase("warmup", case.dataset, decoder.encode_prompt(case.prompt)[::-1])
+
+
+def _warm_up(decoder, variants, case, max_new_tokens, temperature, seed, peers) -> None:
+    """First calls pay one-off costs (allocator, kernels, a server's first request): keep them out of the timings."""
+    for method, budget in variants:
+        decoder.answer_history = AnswerHistory()  # a throwaway: the warm-up answer must not be drafted from
+        _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers)
+
+
+def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, progress, peers):
     records: list[BenchRecord] = []
     bar = tqdm(total=len(cases) * len(variants), disable=not progress, desc="bench", unit="run")
     for i, case in enumerate(cases):
