@@ -82,6 +82,17 @@ def test_a_weight_edited_or_replaced_after_packing_is_repacked():
         assert torch.equal(model(x), torch.zeros(5, 8))
 
 
+def test_a_model_built_under_inference_mode_packs_and_runs():
+    """Inference tensors keep no version counter: packing must not ask for one."""
+    x = torch.randn(4, 24)
+    with torch.inference_mode():
+        model = _mlp()
+        reference = model(x)
+        pack_linears(model)
+        assert packed_linear_count(model) == 2
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+
+
 def test_copies_and_pickles_drop_the_packed_copy_and_still_work():
     model = _mlp()
     pack_linears(model)

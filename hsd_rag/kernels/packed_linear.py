@@ -52,7 +52,9 @@ class PackedLinear(nn.Linear):
 
     def _weight_key(self) -> tuple:
         weight = self.weight
-        return weight.data_ptr(), weight._version, weight.dtype, weight.shape
+        # weights made under torch.inference_mode() keep no version counter: only a new tensor is noticed there
+        version = None if weight.is_inference() else weight._version
+        return weight.data_ptr(), version, weight.dtype, weight.shape
 
     def _pack(self) -> torch.Tensor:
         with torch.no_grad():
