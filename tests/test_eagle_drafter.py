@@ -241,23 +241,56 @@ def test_budget_zero_steps_and_a_one_token_prompt(target):
     assert harness.tokens[len(prompt) :][:max_new] == hf_greedy(target, prompt, max_new)
 
 
-def test_a_drafter_first_asked_steps_after_the_prefill_stays_in_sync(target):
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_drafter_first_asked_steps_after_the_prefill_stays_in_sync(target, window):
     """A source gate may skip the head from a request's first step (what it learned on earlier requests): the
     prefill's features then arrive with the first tree forward's, and the head must still catch up exactly."""
     head = make_head(target, "eagle3", seed=3)
-    drafter = EagleDrafter(target, head, depth=3, top_k=2)
+    drafter = EagleDrafter(target, head, depth=3, top_k=2, prompt_window=window)
     max_new = 16
     with torch.inference_mode():
         harness = Harness(target, drafter, PROMPT)
         for _ in range(2):  # skipped: the loop verifies a root-only tree without asking the drafter
             harness.step(TokenTree.root(harness.tokens[-1]))
-            assert drafter.cache_length + drafter.pending == harness.past
+            assert drafter.skipped + drafter.cache_length + drafter.pending == harness.past
         while len(harness.tokens) - len(PROMPT) < max_new:
             tree = harness.propose(6)
             assert tree.num_drafts == 6
             harness.step(tree)
-            assert drafter.cache_length + drafter.pending == harness.past
+            assert drafter.skipped + drafter.cache_length + drafter.pending == harness.past
+        assert drafter.skipped == (0 if window is None else len(PROMPT) - 1 - window)
         drafter.close()
+    assert harness.tokens[len(PROMPT) :][:max_new] == hf_greedy(target, PROMPT, max_new)
+
+
+def test_a_prompt_window_runs_only_the_last_prompt_pairs(target):
+    """The head reads the last `prompt_window` prompt pairs (the target features already carry the rest):
+    its depth-1 drafts are those of the head run over just those pairs, and decoding stays lossless."""
+    head = make_head(target, "eagle3", seed=4)
+    window, max_new = 4, 20
+    drafter = EagleDrafter(target, head, depth=3, top_k=3, prompt_window=window,
+                           calibrator_factory=lambda: RawHeadScores(device=head.device))
+    draft_id = draft_id_of(head)
+    with torch.inference_mode():
+        harness = Harness(target, drafter, PROMPT)
+        tree = harness.propose(8)
+        assert drafter.skipped == len(PROMPT) - 1 - window and drafter.cache_length == window
+        features = target_features(target, head, harness.tokens)[:, -window:]
+        positions = torch.arange(len(PROMPT) - 1 - window, len(PROMPT) - 1)[None]
+        out = head(head.fuse(features), torch.tensor([harness.tokens[1:]])[:, -window:], positions)
+        reference = F.log_softmax(out.logits[0, -1], -1)
+        for child in tree.children(0):
+            expected = float(reference[draft_id[tree.tokens[child]]].exp())
+            assert tree.scores[child] == pytest.approx(expected, rel=SCORE_TOLERANCE)
+        drafter.capture.clear()  # drop what the reference forward above left in the drafter's hooks
+        while len(harness.tokens) - len(PROMPT) < max_new:
+            harness.step(tree)
+            assert drafter.skipped + drafter.cache_length + drafter.pending == harness.past
+            tree = harness.propose(8)
+        drafter.close()
+    assert harness.tokens[len(PROMPT) :][:max_new] == hf_greedy(target, PROMPT, max_new)
+    with pytest.raises(ValueError, match="prompt_window"):
+        EagleDrafter(target, head, prompt_window=0)
     assert harness.tokens[len(PROMPT) :][:max_new] == hf_greedy(target, PROMPT, max_new)
 
 

@@ -6,7 +6,9 @@ How it follows the decode loop (docs/ARCHITECTURE.md):
 - The head consumes pairs (f_t, token_{t+1}) at head position t; the pair's output predicts token_{t+2}. A pair
   whose feature came from the target is *accepted*: it is run once and stays in the head's KV cache. After the
   prefill or a step the new pairs are pending; `propose` runs them in one head forward whose last output predicts
-  the depth-1 drafts. Invariant: head cache length + pending pairs == target cache length == len(token_ids) - 1.
+  the depth-1 drafts. Only the last `prompt_window` prompt pairs are run (the target features already carry the
+  whole prompt); the head keeps true positions. Invariant: skipped prompt pairs + head cache length + pending
+  pairs == target cache length == len(token_ids) - 1.
 - Deeper levels feed back the head's own hidden (EAGLE-2 dynamic tree): each level keeps the `top_k` frontier
   nodes with the best path score, all at position (target cache length + depth - 1), under a tree mask;
   their KV entries are cropped off afterwards, so only accepted pairs ever stay in the head cache.
@@ -38,6 +40,10 @@ from hsd_rag.tree import SOURCE_EAGLE, TokenTree
 
 DEFAULT_DEPTH = 6  # draft levels (the reference's depth 5 loop plus its first level)
 DEFAULT_TOP_K = 8  # frontier width and children per node (the reference's default)
+# Trailing prompt pairs the head reads (None: all). The target's features already carry the whole prompt, so
+# the head's own attention over a long RAG prompt buys little, while running it over every prompt pair costs
+# the first head call of a request tens of milliseconds on a CPU (measured in docs/ARCHITECTURE.md).
+DEFAULT_PROMPT_WINDOW = 128
 NO_PARENT = -1  # parent index of depth-1 candidates: the root
 
 
@@ -54,9 +60,13 @@ class EagleDrafter:
         top_k: int = DEFAULT_TOP_K,
         early_exit: bool | None = None,
         calibrator_factory=None,
+        prompt_window: int | None = DEFAULT_PROMPT_WINDOW,
     ):
         if depth < 1 or top_k < 1:
             raise ValueError(f"depth and top_k must be >= 1, got depth={depth}, top_k={top_k}")
+        if prompt_window is not None and prompt_window < 1:
+            raise ValueError(f"prompt_window must be >= 1 or None (the whole prompt), got {prompt_window}")
+        self.prompt_window = prompt_window
         self.model = model
         self.head = head
         self.depth = depth
@@ -76,6 +86,7 @@ class EagleDrafter:
         self._pending_features: list[torch.Tensor] = []  # [T_i, F] target features of pairs not yet run
         self._pending_tokens: list[int] = []  # the token paired with each pending feature
         self._awaiting_prefill = False
+        self._skipped = 0  # leading prompt pairs outside `prompt_window`: head position = target position - this
         self._last = None  # (hidden [H], log-probs [Vd]) of the newest accepted pair, until the next step
         self._proposed: dict[tuple[int, ...], int] = {}  # draft token path below the root -> calibrator bucket
         self._proposed_root = -1
@@ -147,6 +158,11 @@ class EagleDrafter:
         return 0 if self._cache is None else len(self._cache)
 
     @property
+    def skipped(self) -> int:
+        """Leading prompt pairs the head never reads (outside `prompt_window`)."""
+        return self._skipped
+
+    @property
     def pending(self) -> int:
         """Accepted pairs queued for the next head forward."""
         return len(self._pending_tokens)
@@ -162,17 +178,20 @@ class EagleDrafter:
                 f"EagleDrafter expected prefill features for {prefill_rows} prompt tokens "
                 f"(prompt[:-1]) but captured {rows}: start() must precede the prefill forward."
             )
-        if prefill_rows:
-            self._pending_features.append(features[0, :prefill_rows])
+        skip = 0 if self.prompt_window is None else max(0, prefill_rows - self.prompt_window)
+        if prefill_rows > skip:
+            self._pending_features.append(features[0, skip:prefill_rows])
+        self._pending_tokens = self._pending_tokens[skip:]
+        self._skipped = skip
         self._awaiting_prefill = False
         return features[:, prefill_rows:] if features is not None and then_rows else None
 
     def _check_in_sync(self, context: DraftContext) -> None:
         expected = len(context.token_ids) - 1  # the target's cache length
-        if self.cache_length + self.pending != expected:
+        if self.skipped + self.cache_length + self.pending != expected:
             raise RuntimeError(
-                f"EagleDrafter is out of sync: {self.cache_length} cached + {self.pending} pending head pairs "
-                f"but {expected} tokens in the target cache."
+                f"EagleDrafter is out of sync: {self.skipped} skipped + {self.cache_length} cached + "
+                f"{self.pending} pending head pairs but {expected} tokens in the target cache."
             )
 
     def catch_up(self, features: torch.Tensor, tokens: list[int]) -> None:
@@ -187,7 +206,9 @@ class EagleDrafter:
         device = self.head.device
         features = torch.cat(self._pending_features, dim=0).to(device)[None]  # [1, k, F]
         tokens = torch.tensor([self._pending_tokens], device=device)  # [1, k]
-        out = self.head(features, tokens, cache=self._cache, logits_to_keep=1)
+        start = self._skipped + len(self._cache)  # true target positions, also after a skipped prompt head
+        positions = torch.arange(start, start + tokens.shape[1], device=device)[None]
+        out = self.head(features, tokens, positions, cache=self._cache, logits_to_keep=1)
         self._last = (out.hidden[0, -1], F.log_softmax(out.logits[0, -1].float(), dim=-1))  # [H], [Vd]
         self._pending_features, self._pending_tokens = [], []
 
@@ -198,7 +219,7 @@ class EagleDrafter:
         bucket), on device."""
         head, cache, calibrator = self.head, self._cache, self.calibrator
         hidden, log_probs = self._last
-        stable = len(cache)  # == target cache length; depth-d nodes' pairs sit at position stable + d - 1
+        stable = len(cache)  # + skipped == target cache length; depth-d nodes sit at position that + d - 1
         device, dtype = hidden.device, hidden.dtype
         eye = torch.eye(top_k, dtype=torch.bool, device=device)
 
@@ -220,7 +241,7 @@ class EagleDrafter:
                 if self.early_exit and self._cannot_improve(frontier_scores, all_scores, budget, floor):
                     break
                 self.levels_drafted += 1
-                positions = torch.full((1, top_k), stable + level - 1, device=device)
+                positions = torch.full((1, top_k), self._skipped + stable + level - 1, device=device)
                 mask = torch.zeros(1, 1, top_k, stable + visible.shape[1], dtype=dtype, device=device)
                 mask[0, 0, :, stable:].masked_fill_(~visible, torch.finfo(dtype).min)
                 out = head(frontier_hidden[None], frontier_tokens[None], positions, mask, cache)
