@@ -75,6 +75,11 @@ class AttentionLayout:
         """The distinct layer types, in order of first appearance."""
         return tuple(dict.fromkeys(self.layer_types))
 
+    @property
+    def keeps_every_row(self) -> bool:
+        """True when no layer drops old rows (no sliding window): a prefilled prompt's cache can be reused."""
+        return self.sliding_window is None
+
     def window_of(self, kind: str) -> int | None:
         return self.sliding_window if kind == SLIDING else None
 

@@ -23,11 +23,12 @@ from hsd_rag.budget import AUTO_MAX_BUDGET, fit_tree
 from hsd_rag.config import METHODS, DecodeConfig
 from hsd_rag.constrain.rule import grammar_rule
 from hsd_rag.drafters.answer_history import AnswerHistory
-from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome
+from hsd_rag.drafters.base import DraftContext, Drafter, NoDrafter, StepOutcome, skip_prefix_features
 from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
 from hsd_rag.generation_defaults import UNSUPPORTED_GENERATE_SETTINGS, check_supported, resolve
 from hsd_rag.logits_rules import LogitsRuleFactory, build_rules
 from hsd_rag.model_gate import gate_for
+from hsd_rag.prefix_cache import PrefixCache
 from hsd_rag.repetition_penalty import repetition_penalty_rule
 from hsd_rag.stats import GenerationResult, GenerationStats
 from hsd_rag.streaming_text import StreamingText, byte_fallback_ids
@@ -118,13 +119,17 @@ class HybridSpecDecoder:
     logits_rule_factories: tuple[LogitsRuleFactory, ...] = (repetition_penalty_rule, grammar_rule)
 
     def __init__(self, model, tokenizer, *, head=None, default_method: str | None = None,
-                 answer_history: AnswerHistory | None = None):
+                 answer_history: AnswerHistory | None = None, prefix_cache: PrefixCache | bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.head = head
         # earlier answers, an n-gram draft source (bounded; generated tokens only); per-call `answer_history=False`
         self.answer_history = answer_history if answer_history is not None else AnswerHistory()
         self.default_method = default_method or ("hybrid" if head is not None else "ngram")
+        # KV rows of recent prompts, so a shared prefix (system prompt, template) is not prefilled again
+        if prefix_cache is True:
+            prefix_cache = PrefixCache()
+        self.prefix_cache: PrefixCache | None = None if prefix_cache is False else prefix_cache
         # whether asking a costly source (the head) pays, learned across requests (drafters/source_gate.py)
         self.source_gates: dict = {}
         self.layout = AttentionLayout.of(model)  # unsupported attention kinds fail here, not mid-generation
@@ -323,10 +328,18 @@ class HybridSpecDecoder:
                 for rule in rules:
                     rule.start(prompt_ids)
                 t0 = time.perf_counter()
-                # 0. prefill everything but the last prompt token, which becomes the first root
-                prefill(self.model, cache, prompt_ids[:-1], self._cache_arg)
+                # 0. prefill everything but the last prompt token, which becomes the first root (after any
+                # prefix an earlier request already prefilled)
+                reuse = self.prefix_cache is not None and self.layout.keeps_every_row
+                cached = self.prefix_cache.restore(prompt_ids[:-1], cache) if reuse else 0
+                if cached:
+                    skip_prefix_features(drafter, cached)
+                prefill(self.model, cache, prompt_ids[cached:-1], self._cache_arg)
+                if reuse:
+                    self.prefix_cache.store(prompt_ids[:-1], cache)
                 self.layout.trim(cache)
                 stats.prefill_s = time.perf_counter() - t0
+                stats.cached_prompt_tokens = cached
             tokens = list(prompt_ids)
             answer: list[int] = []  # what the caller gets (cut at EOS / max_new_tokens)
             past = len(prompt_ids) - 1

@@ -22,6 +22,7 @@ class GenerationStats:
     steps: int = 0
     new_tokens: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # leading prompt tokens whose KV rows came from an earlier request (not prefilled)
     drafted_by_source: dict[str, int] = field(default_factory=Counter)  # draft nodes verified, per source label
     accepted_by_source: dict[str, int] = field(default_factory=Counter)  # accepted draft tokens, per source label
     accepted_by_depth: dict[int, int] = field(default_factory=Counter)  # steps whose accepted path reached depth d

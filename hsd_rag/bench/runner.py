@@ -3,8 +3,11 @@
 The order of methods rotates from one prompt to the next so slow drifts of the machine (thermal, other load)
 spread evenly over methods. Each (method, budget) keeps its own earlier-answers index (the decoder's
 `answer_history`), fed only by that variant's own previous prompts, so no run ever drafts from another method's
-answer to the same prompt; a method written `NAME/nohist` runs with the index off, to measure what it brings. Greedy outputs are compared token for token with the baseline; a mismatch is
-counted and recorded with the position of the first differing token, never hidden. Sampled outputs
+answer to the same prompt; a method written `NAME/nohist` runs with the index off, to measure what it brings.
+Likewise each variant keeps its own prefix cache (hsd_rag.prefix_cache), as each vLLM peer is its own server: no
+run reuses the KV rows another method prefilled for the same prompt. Greedy outputs are compared token for token
+with the baseline; a mismatch is counted and recorded with the position of the first differing token, never
+hidden. Sampled outputs
 (temperature > 0) are random draws and are not compared: their losslessness is a property of distributions,
 which the sampling-fidelity tests check, not of single outputs.
 """
@@ -22,10 +25,12 @@ from tqdm.auto import tqdm
 
 from hsd_rag.drafters.answer_history import AnswerHistory
 from hsd_rag.kernels import stock_kernels
+from hsd_rag.prefix_cache import PrefixCache
 
 BASELINE = "hf"  # HF transformers `generate`, the reference for speed and for greedy outputs
 NO_HISTORY_SUFFIX = "/nohist"  # method label suffix: the same method without the earlier-answers index
 BASELINE_BUDGET = 0  # the baseline drafts nothing; stored so every record has the same fields
+BENCH_PREFIX_ENTRIES = 4  # per variant: a dozen variants stay within a few hundred MB
 WARMUP_NEW_TOKENS = 8  # enough to exercise every code path once without slowing the run noticeably
 
 
@@ -211,15 +216,17 @@ def run_benchmark(
     budgets = list(budgets)
     variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
     histories = {variant: AnswerHistory() for variant in variants}  # each variant learns only from itself
+    prefixes = {variant: PrefixCache(max_entries=BENCH_PREFIX_ENTRIES) for variant in variants}
     variants += [(name, None) for name in (peers.names if peers is not None else [])]
-    own_history = decoder.answer_history
+    own_history, own_prefixes = decoder.answer_history, decoder.prefix_cache
     try:
         if warmup and cases:
             _warm_up(decoder, variants, warmup_case or reversed_warmup_case(decoder, cases[0]),
                      min(WARMUP_NEW_TOKENS, max_new_tokens), temperature, seed, peers)
-        return _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, progress, peers)
+        return _interleaved(decoder, cases, variants, histories, prefixes, max_new_tokens, temperature, seed,
+                            progress, peers)
     finally:
-        decoder.answer_history = own_history
+        decoder.answer_history, decoder.prefix_cache = own_history, own_prefixes
 
 
 def reversed_warmup_case(decoder, case: BenchCase) -> BenchCase:
@@ -235,10 +242,12 @@ def _warm_up(decoder, variants, case, max_new_tokens, temperature, seed, peers) 
     """First calls pay one-off costs (allocator, kernels, a server's first request): keep them out of the timings."""
     for method, budget in variants:
         decoder.answer_history = AnswerHistory()  # a throwaway: the warm-up answer must not be drafted from
+        decoder.prefix_cache = PrefixCache(max_entries=BENCH_PREFIX_ENTRIES)  # nor its prompt's rows reused
         _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers)
 
 
-def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperature, seed, progress, peers):
+def _interleaved(decoder, cases, variants, histories, prefixes, max_new_tokens, temperature, seed, progress,
+                 peers):
     records: list[BenchRecord] = []
     bar = tqdm(total=len(cases) * len(variants), disable=not progress, desc="bench", unit="run")
     for i, case in enumerate(cases):
@@ -246,6 +255,7 @@ def _interleaved(decoder, cases, variants, histories, max_new_tokens, temperatur
         per_case = []
         for method, budget in variants[shift:] + variants[:shift]:
             decoder.answer_history = histories.get((method, budget), decoder.answer_history)
+            decoder.prefix_cache = prefixes.get((method, budget), decoder.prefix_cache)
             rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers)
             per_case.append(rec)
             bar.update(1)

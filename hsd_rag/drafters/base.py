@@ -56,6 +56,15 @@ class Drafter(Protocol):
         """Release per-request resources (hooks, caches)."""
 
 
+def skip_prefix_features(drafter, count: int) -> None:
+    """Tell a drafter that the prefill will not run over the first `count` prompt tokens (their KV rows came from
+    an earlier request): a drafter that reads the prefill's features (EAGLE) implements `skip_prefix_features`,
+    called after `start` and before the prefill; the others need nothing."""
+    method = getattr(drafter, "skip_prefix_features", None)
+    if method is not None:
+        method(count)
+
+
 class NoDrafter:
     """Proposes nothing: the loop then decodes one token per target forward (method="vanilla")."""
 

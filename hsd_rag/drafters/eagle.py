@@ -87,6 +87,7 @@ class EagleDrafter:
         self._pending_tokens: list[int] = []  # the token paired with each pending feature
         self._awaiting_prefill = False
         self._skipped = 0  # leading prompt pairs outside `prompt_window`: head position = target position - this
+        self._not_prefilled = 0  # leading prompt tokens whose features no prefill computed (a reused KV prefix)
         self._last = None  # (hidden [H], log-probs [Vd]) of the newest accepted pair, until the next step
         self._proposed: dict[tuple[int, ...], int] = {}  # draft token path below the root -> calibrator bucket
         self._proposed_root = -1
@@ -146,6 +147,13 @@ class EagleDrafter:
             record_outcomes(outcome, SOURCE_EAGLE, self._proposed, self.calibrator.record)
         self._proposed = {}
 
+    def skip_prefix_features(self, count: int) -> None:
+        """The prefill skips the first `count` prompt tokens (hsd_rag.prefix_cache): the head reads at most the
+        prompt pairs after them."""
+        if not self._awaiting_prefill:
+            raise RuntimeError("skip_prefix_features must come between start() and the prefill.")
+        self._not_prefilled = max(0, min(int(count), len(self._pending_tokens)))
+
     def close(self) -> None:
         self.capture.detach()
         self._reset()
@@ -171,16 +179,18 @@ class EagleDrafter:
         """Queue the prefill's features ([1, P - 1, F], none for a one-token prompt); when observe() comes first,
         the tree forward's `then_rows` rows follow them in the capture and are returned."""
         features = self.capture.pop()
-        prefill_rows = len(self._pending_tokens)
+        pairs = len(self._pending_tokens)  # prompt pairs, one per prompt[:-1] token
+        prefill_rows = pairs - self._not_prefilled  # the first ones may come from a reused KV prefix
         rows = 0 if features is None else features.shape[1]
         if rows < prefill_rows or (not then_rows and rows != prefill_rows):
             raise RuntimeError(
                 f"EagleDrafter expected prefill features for {prefill_rows} prompt tokens "
                 f"(prompt[:-1]) but captured {rows}: start() must precede the prefill forward."
             )
-        skip = 0 if self.prompt_window is None else max(0, prefill_rows - self.prompt_window)
-        if prefill_rows > skip:
-            self._pending_features.append(features[0, skip:prefill_rows])
+        window_skip = 0 if self.prompt_window is None else pairs - self.prompt_window
+        skip = max(self._not_prefilled, window_skip)
+        if pairs > skip:
+            self._pending_features.append(features[0, skip - self._not_prefilled : prefill_rows])
         self._pending_tokens = self._pending_tokens[skip:]
         self._skipped = skip
         self._awaiting_prefill = False

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from hsd_rag.drafters.base import DraftContext, Drafter, StepOutcome
+from hsd_rag.drafters.base import DraftContext, Drafter, StepOutcome, skip_prefix_features
 from hsd_rag.drafters.source_gate import SourceGate
 from hsd_rag.tree import TokenTree
 
@@ -166,6 +166,10 @@ class HybridDrafter:
     def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]]) -> None:
         for drafter in self.drafters:
             drafter.start(prompt_ids, documents)
+
+    def skip_prefix_features(self, count: int) -> None:
+        for drafter in self.drafters:
+            skip_prefix_features(drafter, count)
 
     def propose(self, context: DraftContext) -> TokenTree:
         return self.policy.fuse(context, self.drafters)
