@@ -112,6 +112,8 @@ class HybridSpecDecoder:
     generation_defaults). Full-attention and sliding-window layers (also interleaved, e.g. Gemma-2/3) work.
 
     Thread-safe: every decoder on one model shares the model's FIFO gate, taken one step at a time.
+    `prefix_cache` (on by default) copies the KV rows of a prompt prefix an earlier request already prefilled
+    instead of computing them again (hsd_rag.prefix_cache); False turns it off.
     """
 
     drafter_factories: dict[str, DrafterFactory] = DRAFTER_FACTORIES
@@ -148,6 +150,7 @@ class HybridSpecDecoder:
         head="auto",
         dtype=None,
         device=None,
+        prefix_cache: PrefixCache | bool = True,
         **hf_kwargs,
     ) -> HybridSpecDecoder:
         """Load a target and optionally an EAGLE head.
@@ -155,6 +158,8 @@ class HybridSpecDecoder:
         target: None = the embedded default SmolLM2-135M-Instruct; else a hub id, a local dir or a .gguf file.
         head: "auto" = the head shipped for the default target (none for other targets); None = no head;
         else an EAGLE-3 / EAGLE-1/2 checkpoint dir or hub id.
+        prefix_cache: reuse the KV rows of prompt prefixes earlier requests prefilled (True: the default
+        PrefixCache; False: off; or a PrefixCache of your own size).
         Other keywords go to `hsd_rag.loading.load_target` (e.g. `fast_cpu_kernels=False` keeps transformers' stock
         CPU kernels) and on to `from_pretrained`.
         """
@@ -168,7 +173,7 @@ class HybridSpecDecoder:
             from hsd_rag.heads.checkpoint import load_head
 
             head_module = load_head(head, model)
-        return cls(model, tokenizer, head=head_module)
+        return cls(model, tokenizer, head=head_module, prefix_cache=prefix_cache)
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)

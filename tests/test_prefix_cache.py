@@ -142,3 +142,19 @@ def test_bench_variants_never_reuse_each_others_rows(monkeypatch):
     run_benchmark(decoder, cases, ["vanilla", "ngram"], [4], 8, progress=False)
     # warm-up (2 variants) and the first prompt (2 variants) find nothing; the second prompt shares the system part
     assert restored == [0, 0, 0, 0, len(SYSTEM) + 1, len(SYSTEM) + 1]
+
+
+def test_a_noprefix_variant_runs_without_the_cache(monkeypatch):
+    from hsd_rag.bench.runner import BenchCase, run_benchmark
+
+    model = tiny_model("llama", seed=3)
+    decoder = HybridSpecDecoder(model, IdTokenizer())
+    restored = []
+    real = PrefixCache.restore
+    monkeypatch.setattr(PrefixCache, "restore", lambda self, t, c: restored.append(real(self, t, c)) or restored[-1])
+    cases = [BenchCase("a", "tiny", _prompt([5, 6, 7])), BenchCase("b", "tiny", _prompt([8, 9]))]
+    records = run_benchmark(decoder, cases, ["vanilla", "vanilla/noprefix"], [4], 8, progress=False)
+    # warm-ups of both variants (a throwaway cache each), then only the cached variant looks up its prompts
+    assert restored == [0, 0, 0, len(SYSTEM) + 1]
+    assert all(r.matches_baseline for r in records if r.method != "hf")
+    assert decoder.prefix_cache is not None  # the decoder's own cache is back after the run

@@ -176,7 +176,8 @@ def write_report(
         "τ = generated tokens / target forwards (accepted drafts + the bonus token). Speedup = tokens/s over HF "
         "`generate`'s tokens/s on the same prompts, run interleaved in the same process, end to end (prefill "
         "included); decode-only speedup compares the decode loops alone. Time shares are of wall time (prefill + "
-        "decode). `METHOD/nohist` = the method without the earlier-answers index.",
+        "decode). `METHOD/nohist` = the method without the earlier-answers index, "
+        "`METHOD/noprefix` = without the prefix cache.",
         "",
         markdown_table(summaries),
     ]

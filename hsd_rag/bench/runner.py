@@ -5,7 +5,7 @@ spread evenly over methods. Each (method, budget) keeps its own earlier-answers 
 `answer_history`), fed only by that variant's own previous prompts, so no run ever drafts from another method's
 answer to the same prompt; a method written `NAME/nohist` runs with the index off, to measure what it brings.
 Likewise each variant keeps its own prefix cache (hsd_rag.prefix_cache), as each vLLM peer is its own server: no
-run reuses the KV rows another method prefilled for the same prompt. Greedy outputs are compared token for token
+run reuses the KV rows another method prefilled for the same prompt; `NAME/noprefix` runs without one. Greedy outputs are compared token for token
 with the baseline; a mismatch is counted and recorded with the position of the first differing token, never
 hidden. Sampled outputs
 (temperature > 0) are random draws and are not compared: their losslessness is a property of distributions,
@@ -29,6 +29,7 @@ from hsd_rag.prefix_cache import PrefixCache
 
 BASELINE = "hf"  # HF transformers `generate`, the reference for speed and for greedy outputs
 NO_HISTORY_SUFFIX = "/nohist"  # method label suffix: the same method without the earlier-answers index
+NO_PREFIX_SUFFIX = "/noprefix"  # method label suffix: the same method without the prefix cache
 BASELINE_BUDGET = 0  # the baseline drafts nothing; stored so every record has the same fields
 BENCH_PREFIX_ENTRIES = 4  # per variant: a dozen variants stay within a few hundred MB
 WARMUP_NEW_TOKENS = 8  # enough to exercise every code path once without slowing the run noticeably
@@ -155,9 +156,9 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
 
 def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_tokens: int, temperature: float,
           seed: int) -> BenchRecord:
-    name, history = method, True
-    if method.endswith(NO_HISTORY_SUFFIX):
-        name, history = method[: -len(NO_HISTORY_SUFFIX)], False
+    name = method.replace(NO_PREFIX_SUFFIX, "")  # the prefix cache is chosen per variant (run_benchmark)
+    history = not name.endswith(NO_HISTORY_SUFFIX)
+    name = name.removesuffix(NO_HISTORY_SUFFIX)
     start = time.perf_counter()
     res = decoder.generate(case.prompt, documents=case.documents, method=name, budget=budget,
                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, answer_history=history,
@@ -216,7 +217,10 @@ def run_benchmark(
     budgets = list(budgets)
     variants = [(BASELINE, BASELINE_BUDGET)] + [(m, b) for m in methods if m != BASELINE for b in budgets]
     histories = {variant: AnswerHistory() for variant in variants}  # each variant learns only from itself
-    prefixes = {variant: PrefixCache(max_entries=BENCH_PREFIX_ENTRIES) for variant in variants}
+    prefixes = {
+        variant: None if NO_PREFIX_SUFFIX in variant[0] else PrefixCache(max_entries=BENCH_PREFIX_ENTRIES)
+        for variant in variants
+    }
     variants += [(name, None) for name in (peers.names if peers is not None else [])]
     own_history, own_prefixes = decoder.answer_history, decoder.prefix_cache
     try:
@@ -255,7 +259,8 @@ def _interleaved(decoder, cases, variants, histories, prefixes, max_new_tokens, 
         per_case = []
         for method, budget in variants[shift:] + variants[:shift]:
             decoder.answer_history = histories.get((method, budget), decoder.answer_history)
-            decoder.prefix_cache = prefixes.get((method, budget), decoder.prefix_cache)
+            if (method, budget) in prefixes:
+                decoder.prefix_cache = prefixes[(method, budget)]
             rec = _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers)
             per_case.append(rec)
             bar.update(1)
