@@ -28,7 +28,7 @@ from hsd_rag.drafters.registry import DRAFTER_FACTORIES, NEEDS_HEAD
 from hsd_rag.generation_defaults import UNSUPPORTED_GENERATE_SETTINGS, check_supported, resolve
 from hsd_rag.logits_rules import LogitsRuleFactory, build_rules
 from hsd_rag.model_gate import gate_for
-from hsd_rag.prefix_cache import PrefixCache
+from hsd_rag.prefix_cache import PrefixCache, weights_key
 from hsd_rag.repetition_penalty import repetition_penalty_rule
 from hsd_rag.stats import GenerationResult, GenerationStats
 from hsd_rag.streaming_text import StreamingText, byte_fallback_ids
@@ -336,7 +336,7 @@ class HybridSpecDecoder:
                 # 0. prefill everything but the last prompt token, which becomes the first root (after any
                 # prefix an earlier request already prefilled)
                 reuse = self.prefix_cache is not None and self.layout.keeps_every_row
-                cached = self.prefix_cache.restore(prompt_ids[:-1], cache) if reuse else 0
+                cached = self.prefix_cache.restore(prompt_ids[:-1], cache, weights_key(self.model)) if reuse else 0
                 if cached:
                     skip_prefix_features(drafter, cached)
                 prefill(self.model, cache, prompt_ids[cached:-1], self._cache_arg)

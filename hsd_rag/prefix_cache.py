@@ -6,7 +6,8 @@ computed for a shared prefix are the rows this prompt would compute, up to the f
 matrix shape (the same rounding that already separates a tree forward from one-token decoding). Entries are the
 prefilled prompts of recent requests (copied out, LRU, bounded in bytes); a request copies the longest shared
 prefix's rows into its own new cache, so no entry ever changes while requests read it. Only caches of
-full-attention layers are kept (sliding-window layers drop their oldest rows).
+full-attention layers are kept (sliding-window layers drop their oldest rows). Entries are dropped when the
+model's weights change (`weights_key`: each parameter's storage and in-place version).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class _Entry:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
 
+def weights_key(model) -> int:
+    """Changes whenever a parameter of `model` is replaced or edited in place (inference tensors: replaced)."""
+    return hash(tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in model.parameters()))
+
+
 def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -52,6 +58,7 @@ class PrefixCache:
         self.max_bytes, self.max_entries, self.min_reuse = max_bytes, max_entries, min_reuse
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._weights = None  # weights_key of the model the entries were computed with
         self.hits = 0  # requests that reused a prefix
         self.reused_tokens = 0  # prompt tokens not prefilled thanks to it
 
@@ -66,10 +73,14 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
 
-    def restore(self, token_ids: Sequence[int], cache) -> int:
+    def restore(self, token_ids: Sequence[int], cache, weights: int | None = None) -> int:
         """Copy the rows of the longest stored prefix of `token_ids` into the empty `cache`; returns how many
-        leading tokens no longer need a prefill (0: nothing long enough is stored)."""
+        leading tokens no longer need a prefill (0: nothing long enough is stored). `weights`: the model's
+        `weights_key`; entries computed with other weights are dropped."""
         with self._lock:
+            if weights != self._weights:
+                self._entries.clear()
+                self._weights = weights
             best, length = None, 0
             for entry in self._entries.values():
                 n = shared_prefix_length(entry.tokens, token_ids)

@@ -133,8 +133,8 @@ def test_bench_variants_never_reuse_each_others_rows(monkeypatch):
     restored = []
     real = PrefixCache.restore
 
-    def spy(self, token_ids, cache):
-        restored.append(real(self, token_ids, cache))
+    def spy(self, token_ids, cache, *args):
+        restored.append(real(self, token_ids, cache, *args))
         return restored[-1]
 
     monkeypatch.setattr(PrefixCache, "restore", spy)
@@ -151,10 +151,23 @@ def test_a_noprefix_variant_runs_without_the_cache(monkeypatch):
     decoder = HybridSpecDecoder(model, IdTokenizer())
     restored = []
     real = PrefixCache.restore
-    monkeypatch.setattr(PrefixCache, "restore", lambda self, t, c: restored.append(real(self, t, c)) or restored[-1])
+    monkeypatch.setattr(PrefixCache, "restore", lambda self, *a: restored.append(real(self, *a)) or restored[-1])
     cases = [BenchCase("a", "tiny", _prompt([5, 6, 7])), BenchCase("b", "tiny", _prompt([8, 9]))]
     records = run_benchmark(decoder, cases, ["vanilla", "vanilla/noprefix"], [4], 8, progress=False)
     # warm-ups of both variants (a throwaway cache each), then only the cached variant looks up its prompts
     assert restored == [0, 0, 0, len(SYSTEM) + 1]
     assert all(r.matches_baseline for r in records if r.method != "hf")
     assert decoder.prefix_cache is not None  # the decoder's own cache is back after the run
+
+
+def test_entries_are_dropped_when_the_weights_change():
+    model = tiny_model("llama", seed=3)
+    decoder = HybridSpecDecoder(model, IdTokenizer())
+    first, second = _prompt([5, 6, 7]), _prompt([8, 9, 10])
+    decoder.generate(first, method="vanilla", max_new_tokens=4)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # fine-tuned in place: stored rows are stale
+    result = decoder.generate(second, method="vanilla", max_new_tokens=MAX_NEW)
+    assert result.stats.cached_prompt_tokens == 0
+    assert result.token_ids == _generate(model, second)
+    assert decoder.generate(first, method="vanilla", max_new_tokens=4).stats.cached_prompt_tokens == len(SYSTEM) + 1
