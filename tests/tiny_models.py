@@ -65,12 +65,14 @@ class IdTokenizer:
 SMOLLM2_VOCAB = 49152
 
 
-def smollm2_chat_decoder(layers: int = 2, hidden: int = 32, remember_answers: bool = False):
+def smollm2_chat_decoder(layers: int = 2, hidden: int = 32, remember_answers: bool = False,
+                         reuse_prefixes: bool = False):
     """A ~3M-parameter random Llama over the real SmolLM2 tokenizer, so the chat template is the real one.
 
     The tokenizer comes from the embedded default model's snapshot, created on first use (offline, ~30 s).
-    Earlier answers are not remembered unless asked: adapter tests compare the stats of two calls, and the
-    answer-history draft source would make the second call's steps depend on the first.
+    Earlier answers and prompt prefixes are not remembered unless asked: adapter tests compare the stats of two
+    calls, and the answer-history draft source or the prefix cache would make the second call's steps or
+    prefill depend on the first.
     """
     from transformers import AutoTokenizer
 
@@ -82,7 +84,7 @@ def smollm2_chat_decoder(layers: int = 2, hidden: int = 32, remember_answers: bo
     model = tiny_model("llama", vocab=SMOLLM2_VOCAB, layers=layers, hidden=hidden)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     history = None if remember_answers else AnswerHistory(max_answers=0)
-    return HybridSpecDecoder(model, tokenizer, answer_history=history)
+    return HybridSpecDecoder(model, tokenizer, answer_history=history, prefix_cache=reuse_prefixes)
 
 
 def hf_greedy_text(decoder, messages, max_new_tokens: int) -> str:
