@@ -100,6 +100,10 @@ class PrefixCache:
         tokens = tuple(int(t) for t in token_ids)
         if len(tokens) < self.min_reuse or self.max_entries == 0:
             return
+        with self._lock:
+            if tokens in self._entries:  # the same prompt again: its rows are stored already
+                self._entries.move_to_end(tokens)
+                return
         layers = tuple(
             (layer.keys[..., : len(tokens), :].clone(), layer.values[..., : len(tokens), :].clone())
             for layer in cache.layers

@@ -86,7 +86,7 @@ class EagleDrafter:
         self._pending_features: list[torch.Tensor] = []  # [T_i, F] target features of pairs not yet run
         self._pending_tokens: list[int] = []  # the token paired with each pending feature
         self._awaiting_prefill = False
-        self._skipped = 0  # leading prompt pairs outside `prompt_window`: head position = target position - this
+        self._skipped = 0  # leading prompt pairs the head never runs (outside `prompt_window`, or not prefilled)
         self._not_prefilled = 0  # leading prompt tokens whose features no prefill computed (a reused KV prefix)
         self._last = None  # (hidden [H], log-probs [Vd]) of the newest accepted pair, until the next step
         self._proposed: dict[tuple[int, ...], int] = {}  # draft token path below the root -> calibrator bucket
