@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hsd_rag.tensor_stamp import edit_stamp
+
 DEFAULT_MAX_BYTES = 256 * 2**20  # SmolLM2-135M: ~46 KB per token in float32, so ~5,700 prompt tokens
 DEFAULT_MAX_ENTRIES = 8
 MIN_REUSE_TOKENS = 16  # shorter shared prefixes save less than the lookup and copy cost
@@ -36,7 +38,7 @@ class _Entry:
 
 def weights_key(model) -> int:
     """Changes whenever a parameter of `model` is replaced or edited in place (inference tensors: replaced)."""
-    return hash(tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in model.parameters()))
+    return hash(tuple(edit_stamp(p) for p in model.parameters()))
 
 
 def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -5,11 +5,11 @@ spread evenly over methods. Each (method, budget) keeps its own earlier-answers 
 `answer_history`), fed only by that variant's own previous prompts, so no run ever drafts from another method's
 answer to the same prompt; a method written `NAME/nohist` runs with the index off, to measure what it brings.
 Likewise each variant keeps its own prefix cache (hsd_rag.prefix_cache), as each vLLM peer is its own server: no
-run reuses the KV rows another method prefilled for the same prompt; `NAME/noprefix` runs without one. Greedy outputs are compared token for token
-with the baseline; a mismatch is counted and recorded with the position of the first differing token, never
-hidden. Sampled outputs
-(temperature > 0) are random draws and are not compared: their losslessness is a property of distributions,
-which the sampling-fidelity tests check, not of single outputs.
+run reuses the KV rows another method prefilled for the same prompt; `NAME/noprefix` runs without one. Greedy
+outputs are compared token for token with the baseline; a mismatch is counted and recorded with the position of
+the first differing token, never hidden. Sampled outputs (temperature > 0) are random draws and are not
+compared: their losslessness is a property of distributions, which the sampling-fidelity tests check, not of
+single outputs.
 """
 
 from __future__ import annotations

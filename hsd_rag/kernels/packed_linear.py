@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hsd_rag.tensor_stamp import edit_stamp
+
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -52,9 +54,7 @@ class PackedLinear(nn.Linear):
 
     def _weight_key(self) -> tuple:
         weight = self.weight
-        # weights made under torch.inference_mode() keep no version counter: only a new tensor is noticed there
-        version = None if weight.is_inference() else weight._version
-        return weight.data_ptr(), version, weight.dtype, weight.shape
+        return *edit_stamp(weight), weight.dtype, weight.shape
 
     def _pack(self) -> torch.Tensor:
         with torch.no_grad():
