@@ -17,9 +17,12 @@ from hsd_rag import HybridSpecDecoder
 from hsd_rag.kernels import (
     PackedLinear,
     fast_kernel_names,
+    fuse_projections,
+    fused_projection_count,
     pack_linears,
     packed_linear_count,
     stock_linears,
+    unfuse_projections,
     unpack_linears,
     use_fast_kernels,
 )
@@ -148,7 +151,7 @@ def test_decoder_on_fast_kernels_equals_generate_on_the_same_model(arch, method)
     out = decoder.generate(prompt, documents=[" ".join(map(str, prompt))], method=method, max_new_tokens=40)
     assert list(out.token_ids) == reference
     assert packed_linear_count(model) == len([m for m in model.modules() if isinstance(m, nn.Linear)])
-    assert fast_kernel_names(model) == ["packed-linear", "gqa-sdpa"]
+    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "gqa-sdpa"]
 
 
 def test_non_cpu_inputs_take_the_stock_path(monkeypatch):
@@ -167,14 +170,15 @@ def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_d
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert packed_linear_count(model) == len(linears) > 100
     assert head is not None and packed_linear_count(head) > 0
-    assert fast_kernel_names(model) == ["packed-linear", "gqa-sdpa"]
+    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "gqa-sdpa"]
     packed_key = profile_key(default_decoder)
     unpack_linears(model)
     try:
         assert profile_key(default_decoder) != packed_key  # a tuned profile belongs to one set of kernels
     finally:
-        pack_linears(model, max_memory_share=None)
+        use_fast_kernels(model)
     assert profile_key(default_decoder) == packed_key
+    assert fused_projection_count(model) == 2 * model.config.num_hidden_layers and fused_projection_count(head) == 2
 
 
 def test_load_target_can_keep_the_stock_kernels(tmp_path):
@@ -184,11 +188,12 @@ def test_load_target_can_keep_the_stock_kernels(tmp_path):
     tiny_model("llama", layers=1, hidden=32).save_pretrained(tmp_path)
     byte_fallback_tokenizer().save_pretrained(tmp_path)
     fast = load_target(tmp_path, device="cpu")[0]
-    assert fast_kernel_names(fast) == ["packed-linear", "gqa-sdpa"] and packed_linear_count(fast) > 0
+    assert fast_kernel_names(fast) == ["packed-linear", "fused-projections", "gqa-sdpa"]
+    assert packed_linear_count(fast) > 0
     stock = load_target(tmp_path, device="cpu", fast_cpu_kernels=False)[0]
     assert fast_kernel_names(stock) == [] and stock.config._attn_implementation == "sdpa"
     eager = load_target(tmp_path, device="cpu", attn_implementation="eager")[0]
-    assert fast_kernel_names(eager) == ["packed-linear"]  # a chosen attention implementation is kept
+    assert fast_kernel_names(eager) == ["packed-linear", "fused-projections"]  # a chosen attention implementation is kept
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -219,3 +224,82 @@ def test_gqa_attention_gives_the_same_tree_logits_bit_for_bit(arch):
     assert model.config._attn_implementation == "hsd_rag_gqa_sdpa"
     with stock_linears():  # attention alone: bit for bit
         assert torch.equal(logits(), reference)
+
+
+def _tree_logits(model, prompt, tree):
+    from hsd_rag.attention_layout import AttentionLayout
+    from hsd_rag.verify import forward_tree, prefill
+
+    layout = AttentionLayout.of(model)
+    cache = layout.new_cache()
+    with torch.inference_mode():
+        prefill(model, cache, prompt)
+        return forward_tree(model, cache, tree, len(prompt), layout=layout)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_fused_projections_give_the_same_logits_bit_for_bit(arch):
+    """One [q; k; v] and one [gate; up] matrix per layer: the same numbers as the separate packed layers."""
+    from hsd_rag.tree import TokenTree
+
+    model = tiny_model(arch)
+    tree = TokenTree.root(5)
+    for token, parent in [(6, 0), (7, 1), (8, 0), (9, 2)]:
+        tree.add(parent, token, 0.5, 1)
+    prompt = list(range(2, 40))
+    pack_linears(model)
+    separate = _tree_logits(model, prompt, tree)
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers
+    assert fast_kernel_names(model)[:2] == ["packed-linear", "fused-projections"]
+    assert torch.equal(_tree_logits(model, prompt, tree), separate)
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj._projection is layer.self_attn.v_proj._projection is not None
+    assert all(m._projection._stash is None for m in model.modules() if getattr(m, "_projection", None))
+    assert fuse_projections(model) == 0  # already fused
+    assert unfuse_projections(model) == 2 * model.config.num_hidden_layers
+    assert torch.equal(_tree_logits(model, prompt, tree), separate)
+    assert fused_projection_count(model) == 0
+
+
+class _Siblings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate_proj, self.up_proj = nn.Linear(16, 12), nn.Linear(16, 20)
+
+
+def test_a_fused_member_called_on_another_input_or_after_an_edit_gets_its_own_output():
+    model = _Siblings()
+    reference = _Siblings()
+    pack_linears(model)
+    assert fuse_projections(model) == 1
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.inference_mode():
+        gate_x = model.gate_proj(x)  # the group keeps up_proj(x) for the next call with x
+        torch.testing.assert_close(model.up_proj(y), reference.up_proj(y), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gate_x, reference.gate_proj(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.up_proj.weight.mul_(-1.0)
+        model.gate_proj.bias = nn.Parameter(torch.zeros(12))
+    with torch.inference_mode():
+        model.gate_proj(x)
+        torch.testing.assert_close(model.up_proj(x), -(x @ reference.up_proj.weight.T) + reference.up_proj.bias,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.gate_proj(y), y @ reference.gate_proj.weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_models_copy_pickle_train_and_unpack():
+    model = _Siblings()
+    pack_linears(model)
+    fuse_projections(model)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        reference = model.up_proj(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert fused_projection_count(clone) == 0  # the copy runs on its own packed weights
+        with torch.inference_mode():
+            assert torch.equal(clone.up_proj(x), reference)
+    (model.gate_proj(x).sum() + model.up_proj(x).sum()).backward()  # gradients take the stock path
+    assert model.up_proj.weight.grad is not None
+    assert unpack_linears(model) == 2 and fused_projection_count(model) == 0
+    assert type(model.up_proj) is nn.Linear and "_projection" not in vars(model.up_proj)

@@ -20,7 +20,7 @@ from hsd_rag.heads.acceptance_priors import AcceptancePriors
 from hsd_rag.heads.base import DraftHead
 from hsd_rag.heads.eagle1 import Eagle1Head
 from hsd_rag.heads.eagle3 import Eagle3Head
-from hsd_rag.kernels import pack_linears, packed_linear_count
+from hsd_rag.kernels import fuse_projections, pack_linears, packed_linear_count
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -132,7 +132,8 @@ def load_head(
     head = head.to(device=device, dtype=dtype)
     head.acceptance_priors = AcceptancePriors.load(directory)  # None when the head ships no priors
     if packed_linear_count(target_model):  # the head runs on the kernels the target was given
-        pack_linears(head)
+        if pack_linears(head):
+            fuse_projections(head)
     return head.bind_target(target_model).eval()
 
 

@@ -1,14 +1,15 @@
 """Faster CPU kernels for the target's own layers, swapped in without changing any model class.
 
-`use_fast_kernels(model)` gives a CPU model's linear layers oneDNN-packed weights (packed_linear.py) and lets its
-grouped-query attention broadcast KV heads instead of copying them (gqa_attention.py); `load_target` does this by
-default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
+`use_fast_kernels(model)` gives a CPU model's linear layers oneDNN-packed weights (packed_linear.py), multiplies
+sibling projections that read the same input as one matrix (fused_projections.py) and lets its grouped-query
+attention broadcast KV heads instead of copying them (gqa_attention.py); `load_target` does this by default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+from hsd_rag.kernels.fused_projections import fuse_projections, fused_projection_count, unfuse_projections
 from hsd_rag.kernels.gqa_attention import GQA_SDPA, use_gqa_attention, use_stock_attention
 from hsd_rag.kernels.packed_linear import (
     PackedLinear,
@@ -24,6 +25,8 @@ def use_fast_kernels(model) -> list[str]:
     names = []
     if pack_linears(model):
         names.append("packed-linear")
+        if fuse_projections(model):
+            names.append("fused-projections")
     if use_gqa_attention(model):
         names.append("gqa-sdpa")
     return names
@@ -34,6 +37,8 @@ def fast_kernel_names(model) -> list[str]:
     names = []
     if packed_linear_count(model):
         names.append("packed-linear")
+    if fused_projection_count(model):
+        names.append("fused-projections")
     if getattr(model.config, "_attn_implementation", None) == GQA_SDPA:
         names.append("gqa-sdpa")
     return names
@@ -56,10 +61,13 @@ def stock_kernels(model):
 __all__ = [
     "PackedLinear",
     "fast_kernel_names",
+    "fuse_projections",
+    "fused_projection_count",
     "pack_linears",
     "packed_linear_count",
     "stock_kernels",
     "stock_linears",
+    "unfuse_projections",
     "unpack_linears",
     "use_fast_kernels",
 ]

@@ -51,6 +51,8 @@ class PackedLinear(nn.Linear):
 
     _packed: torch.Tensor | None
     _packed_key: tuple | None
+    _projection = None  # a FusedProjection shared with sibling layers that read the same input (optional)
+    _projection_index = 0
 
     def _weight_key(self) -> tuple:
         weight = self.weight
@@ -73,6 +75,8 @@ class PackedLinear(nn.Linear):
             or _STOCK.get()
         ):
             return F.linear(x, weight, self.bias)
+        if self._projection is not None:
+            return self._projection.output(self._projection_index, x)
         packed = self._packed
         if packed is None or self._packed_key != self._weight_key():
             packed = self._pack()
@@ -80,7 +84,8 @@ class PackedLinear(nn.Linear):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_packed"], state["_packed_key"] = None, None  # opaque oneDNN tensors cannot be copied or pickled
+        # opaque oneDNN tensors cannot be copied or pickled; a copy packs its own weight when first used
+        state["_packed"], state["_packed_key"], state["_projection"] = None, None, None
         return state
 
 
@@ -128,10 +133,15 @@ def pack_linears(model: nn.Module, *, max_memory_share: float | None = 0.5) -> i
 
 def unpack_linears(model: nn.Module) -> int:
     """Undo `pack_linears`: every packed layer becomes a plain `nn.Linear` again; returns how many."""
+    from hsd_rag.kernels.fused_projections import unfuse_projections
+
+    unfuse_projections(model)
     packed = _linears(model, PackedLinear)
     for module in packed:
         module.__class__ = nn.Linear
         del module._packed, module._packed_key
+        module.__dict__.pop("_projection", None)
+        module.__dict__.pop("_projection_index", None)
     return len(packed)
 
 
