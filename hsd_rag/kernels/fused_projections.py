@@ -38,10 +38,15 @@ class FusedProjection:
         self._stash: tuple | None = None
 
     def _weights_key(self) -> tuple:
-        return tuple(
-            (edit_stamp(m.weight), m.weight.dtype, m.weight.shape, None if m.bias is None else edit_stamp(m.bias))
-            for m in self.members
-        )
+        """Every member's weight and bias stamps (a new tensor has a new address, whatever its dtype or shape).
+        Read from `_parameters` directly: this runs on every fused multiply, and Module.__getattr__ is slow."""
+        key = []
+        for member in self.members:
+            params = member._parameters
+            bias = params.get("bias")
+            key.append(edit_stamp(params["weight"]))
+            key.append(None if bias is None else edit_stamp(bias))
+        return tuple(key)
 
     def _pack(self, key: tuple) -> None:
         with torch.no_grad():

@@ -55,8 +55,9 @@ class PackedLinear(nn.Linear):
     _projection_index = 0
 
     def _weight_key(self) -> tuple:
-        weight = self.weight
-        return *edit_stamp(weight), weight.dtype, weight.shape
+        """The weight's stamp (a new tensor has a new address, whatever its dtype or shape); read from
+        `_parameters` directly because this runs on every multiply and Module.__getattr__ is slow."""
+        return edit_stamp(self._parameters["weight"])
 
     def _pack(self) -> torch.Tensor:
         with torch.no_grad():
