@@ -303,3 +303,44 @@ def test_fused_models_copy_pickle_train_and_unpack():
     assert model.up_proj.weight.grad is not None
     assert unpack_linears(model) == 2 and fused_projection_count(model) == 0
     assert type(model.up_proj) is nn.Linear and "_projection" not in vars(model.up_proj)
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 200])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
+def test_blocked_causal_prefill_equals_one_causal_call(length, heads):
+    from torch.nn import functional as F
+
+    from hsd_rag.kernels.blocked_prefill import blocked_causal_attention
+
+    torch.manual_seed(length)
+    q_heads, kv_heads = heads
+    query = torch.randn(1, q_heads, length, 16)
+    key, value = torch.randn(2, 1, kv_heads, length, 16)
+    reference = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True, scale=0.3)
+    out = blocked_causal_attention(query, key, value, 0.3)
+    assert out.shape == (1, length, q_heads, 16) and out.is_contiguous()
+    torch.testing.assert_close(out, reference.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_a_long_prompt_prefills_in_blocks_and_decoding_stays_lossless(monkeypatch):
+    """A prompt longer than one block takes the blocked path (counted), the logits match stock attention up to
+    rounding, and the decoder's greedy output equals `generate` on the same model."""
+    from hsd_rag.kernels import blocked_prefill, gqa_attention
+
+    model = tiny_model("llama")
+    prompt = [int(t) for t in torch.randint(2, 90, (150,), generator=torch.Generator().manual_seed(1))]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        stock = model(ids).logits
+    use_fast_kernels(model)
+    calls = []
+    original = blocked_prefill.blocked_causal_attention
+    monkeypatch.setattr(gqa_attention, "blocked_causal_attention", lambda *a: calls.append(1) or original(*a))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, stock, atol=1e-4, rtol=1e-4)
+        assert len(calls) == model.config.num_hidden_layers
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
+                                   pad_token_id=1)[0, len(prompt):].tolist()
+    decoder = HybridSpecDecoder(model, IdTokenizer())
+    out = decoder.generate(prompt, documents=[" ".join(map(str, prompt[:60]))], method="ngram", max_new_tokens=30)
+    assert list(out.token_ids) == reference

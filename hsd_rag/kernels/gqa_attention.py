@@ -5,6 +5,8 @@ of the layer's cache) whenever a multi-token forward passes an attention mask, a
 passes one. torch's CPU SDPA accepts `enable_gqa=True` with a mask and gives the same result bit for bit
 (tests/test_packed_linear.py), without the copy.
 
+A causal prompt forward without a mask (a prefill) runs in blocks of query rows (blocked_prefill.py).
+
 Registered with transformers' AttentionInterface under `GQA_SDPA`, so the model classes stay as they are;
 anything this path does not cover (position biases, softcapping, attention weights, non-CPU tensors, no mask)
 goes to transformers' own sdpa function unchanged.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 from torch.nn import functional as F
 
+from hsd_rag.kernels.blocked_prefill import PREFILL_BLOCK, blocked_causal_attention
+
 GQA_SDPA = "hsd_rag_gqa_sdpa"
 
 
@@ -22,6 +26,8 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """transformers' attention-function signature; query [b, h, q, d], key/value [b, kv_heads, k, d]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _blocked_prefill_applies(module, query, key, attention_mask, dropout, is_causal, kwargs):
+        return blocked_causal_attention(query, key, value, scaling), None
     if (
         getattr(module, "num_key_value_groups", 1) == 1
         or query.shape[2] == 1  # transformers folds the heads of a single query without copying
@@ -36,6 +42,22 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _blocked_prefill_applies(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
+    """A causal, unmasked prompt forward on CPU long enough to gain from query blocks (blocked_prefill.py),
+    decided as transformers' sdpa function decides `is_causal`."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return (
+        causal
+        and attention_mask is None
+        and not dropout
+        and query.device.type == "cpu"
+        and query.shape[2] == key.shape[2] > PREFILL_BLOCK
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+    )
 
 
 def _register() -> None:
