@@ -341,6 +341,39 @@ def test_a_long_prompt_prefills_in_blocks_and_decoding_stays_lossless(monkeypatc
         assert len(calls) == model.config.num_hidden_layers
         reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
                                    pad_token_id=1)[0, len(prompt):].tolist()
-    decoder = HybridSpecDecoder(model, IdTokenizer())
+    decoder = HybridSpecDecoder(model, IdTokenizer(), prefix_cache=True)
     out = decoder.generate(prompt, documents=[" ".join(map(str, prompt[:60]))], method="ngram", max_new_tokens=30)
     assert list(out.token_ids) == reference
+    # a second prompt sharing the first 100 tokens: the rest prefills after the cached rows, under a causal mask
+    second = prompt[:100] + [int(t) for t in torch.randint(2, 90, (90,), generator=torch.Generator().manual_seed(2))]
+    ids = torch.tensor([second])
+    with torch.inference_mode():
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
+                                   pad_token_id=1)[0, len(second):].tolist()
+    calls.clear()
+    out = decoder.generate(second, method="ngram", max_new_tokens=30)
+    assert out.stats.cached_prompt_tokens == 100 and len(calls) == model.config.num_hidden_layers
+    assert list(out.token_ids) == reference
+
+
+def test_a_prompt_continued_after_cached_rows_prefills_in_blocks_only_under_a_causal_mask():
+    """The rest of a prompt after rows an earlier request left gets transformers' boolean causal mask; the
+    blocked path takes exactly that mask (offset by the cached rows) and nothing else."""
+    from torch.nn import functional as F
+
+    from hsd_rag.kernels.blocked_prefill import _causal_rows, blocked_causal_attention, is_offset_causal_mask
+
+    torch.manual_seed(0)
+    past, length = 40, 150
+    query = torch.randn(1, 4, length, 16)
+    key, value = torch.randn(2, 1, 2, past + length, 16)
+    mask = _causal_rows(past, past + length, torch.device("cpu"))[None, None]
+    assert is_offset_causal_mask(mask, length, past + length)
+    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(blocked_causal_attention(query, key, value, None), reference.transpose(1, 2),
+                               atol=1e-6, rtol=1e-5)
+    padded = mask.clone()
+    padded[..., 0] = False  # a padding column: not a plain causal mask
+    assert not is_offset_causal_mask(padded, length, past + length)
+    assert not is_offset_causal_mask(mask.float(), length, past + length)
+    assert not is_offset_causal_mask(mask, length, past + length + 1)

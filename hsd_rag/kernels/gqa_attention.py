@@ -5,7 +5,7 @@ of the layer's cache) whenever a multi-token forward passes an attention mask, a
 passes one. torch's CPU SDPA accepts `enable_gqa=True` with a mask and gives the same result bit for bit
 (tests/test_packed_linear.py), without the copy.
 
-A causal prompt forward without a mask (a prefill) runs in blocks of query rows (blocked_prefill.py).
+A causal prompt forward (a prefill) runs in blocks of query rows (blocked_prefill.py).
 
 Registered with transformers' AttentionInterface under `GQA_SDPA`, so the model classes stay as they are;
 anything this path does not cover (position biases, softcapping, attention weights, non-CPU tensors, no mask)
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch.nn import functional as F
 
-from hsd_rag.kernels.blocked_prefill import PREFILL_BLOCK, blocked_causal_attention
+from hsd_rag.kernels.blocked_prefill import PREFILL_BLOCK, blocked_causal_attention, is_offset_causal_mask
 
 GQA_SDPA = "hsd_rag_gqa_sdpa"
 
@@ -45,19 +45,22 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 def _blocked_prefill_applies(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
-    """A causal, unmasked prompt forward on CPU long enough to gain from query blocks (blocked_prefill.py),
-    decided as transformers' sdpa function decides `is_causal`."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return (
-        causal
-        and attention_mask is None
-        and not dropout
-        and query.device.type == "cpu"
-        and query.shape[2] == key.shape[2] > PREFILL_BLOCK
-        and kwargs.get("position_bias") is None
-        and kwargs.get("softcap") is None
-        and not kwargs.get("output_attentions", False)
-    )
+    """A causal prompt forward on CPU long enough to gain from query blocks (blocked_prefill.py): unmasked and
+    causal as transformers' sdpa function decides `is_causal`, or masked by exactly the causal mask."""
+    queries, keys = query.shape[2], key.shape[2]
+    if (
+        queries <= PREFILL_BLOCK
+        or dropout
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+        or kwargs.get("output_attentions", False)
+    ):
+        return False
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return bool(causal) and queries == keys
+    return is_offset_causal_mask(attention_mask, queries, keys)
 
 
 def _register() -> None:
