@@ -5,11 +5,12 @@ of the layer's cache) whenever a multi-token forward passes an attention mask, a
 passes one. torch's CPU SDPA accepts `enable_gqa=True` with a mask and gives the same result bit for bit
 (tests/test_packed_linear.py), without the copy.
 
-A causal prompt forward (a prefill) runs in blocks of query rows (blocked_prefill.py).
+A causal prompt forward on CPU (a prefill: no mask, or exactly the causal mask) runs in blocks of query rows
+(blocked_prefill.py).
 
 Registered with transformers' AttentionInterface under `GQA_SDPA`, so the model classes stay as they are;
-anything this path does not cover (position biases, softcapping, attention weights, non-CPU tensors, no mask)
-goes to transformers' own sdpa function unchanged.
+anything these paths do not cover (position biases, softcapping, attention weights, non-CPU tensors, a single
+query, any other unmasked forward) goes to transformers' own sdpa function unchanged.
 """
 
 from __future__ import annotations
