@@ -1,4 +1,5 @@
-"""hsd_rag.kernels: packed linear layers and copy-free GQA attention are drop-ins, and decoding stays lossless.
+"""hsd_rag.kernels: packed linear layers, fused sibling projections, copy-free GQA attention and the blocked causal
+prefill are drop-ins, and decoding stays lossless.
 
 Lossless here means: the decoder's greedy output equals `model.generate` on the same model object (both run on
 the packed kernels), and the packed kernel differs from the stock one only by float rounding.
