@@ -152,7 +152,7 @@ def test_decoder_on_fast_kernels_equals_generate_on_the_same_model(arch, method)
     out = decoder.generate(prompt, documents=[" ".join(map(str, prompt))], method=method, max_new_tokens=40)
     assert list(out.token_ids) == reference
     assert packed_linear_count(model) == len([m for m in model.modules() if isinstance(m, nn.Linear)])
-    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "gqa-sdpa"]
+    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
 
 
 def test_non_cpu_inputs_take_the_stock_path(monkeypatch):
@@ -171,7 +171,7 @@ def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_d
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert packed_linear_count(model) == len(linears) > 100
     assert head is not None and packed_linear_count(head) > 0
-    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "gqa-sdpa"]
+    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
     packed_key = profile_key(default_decoder)
     unpack_linears(model)
     try:
@@ -189,12 +189,13 @@ def test_load_target_can_keep_the_stock_kernels(tmp_path):
     tiny_model("llama", layers=1, hidden=32).save_pretrained(tmp_path)
     byte_fallback_tokenizer().save_pretrained(tmp_path)
     fast = load_target(tmp_path, device="cpu")[0]
-    assert fast_kernel_names(fast) == ["packed-linear", "fused-projections", "gqa-sdpa"]
+    assert fast_kernel_names(fast) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
     assert packed_linear_count(fast) > 0
     stock = load_target(tmp_path, device="cpu", fast_cpu_kernels=False)[0]
     assert fast_kernel_names(stock) == [] and stock.config._attn_implementation == "sdpa"
     eager = load_target(tmp_path, device="cpu", attn_implementation="eager")[0]
-    assert fast_kernel_names(eager) == ["packed-linear", "fused-projections"]  # a chosen attention implementation is kept
+    # a chosen attention implementation is kept
+    assert fast_kernel_names(eager) == ["packed-linear", "fused-projections", "fused-rms-norm"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -251,7 +252,7 @@ def test_fused_projections_give_the_same_logits_bit_for_bit(arch):
     pack_linears(model)
     separate = _tree_logits(model, prompt, tree)
     assert fuse_projections(model) == 2 * model.config.num_hidden_layers
-    assert fast_kernel_names(model)[:2] == ["packed-linear", "fused-projections"]
+    assert fast_kernel_names(model) == ["packed-linear", "fused-projections"]
     assert torch.equal(_tree_logits(model, prompt, tree), separate)
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj._projection is layer.self_attn.v_proj._projection is not None
@@ -378,3 +379,36 @@ def test_a_prompt_continued_after_cached_rows_prefills_in_blocks_only_under_a_ca
     assert not is_offset_causal_mask(padded, length, past + length)
     assert not is_offset_causal_mask(mask.float(), length, past + length)
     assert not is_offset_causal_mask(mask, length, past + length + 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_one_pass_rms_norm_gives_the_same_logits_bit_for_bit_and_copies(arch):
+    from hsd_rag.kernels import fuse_rms_norms, fused_rms_norm_count, unfuse_rms_norms
+    from hsd_rag.kernels.rms_norm import FusedRMSNormForward
+    from hsd_rag.tree import TokenTree
+
+    model = tiny_model(arch)
+    tree = TokenTree.root(5)
+    for token, parent in [(6, 0), (7, 1), (8, 0)]:
+        tree.add(parent, token, 0.5, 1)
+    prompt = list(range(2, 40))
+    stock = _tree_logits(model, prompt, tree)
+    norms = 2 * model.config.num_hidden_layers + 1
+    assert fuse_rms_norms(model) == norms == fused_rms_norm_count(model)
+    assert isinstance(model.model.norm, FusedRMSNormForward)
+    assert torch.equal(_tree_logits(model, prompt, tree), stock)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert fused_rms_norm_count(clone) == norms and torch.equal(_tree_logits(clone, prompt, tree), stock)
+    with stock_linears():  # the stock path really runs transformers' forward
+        calls = []
+        handle = torch.nn.functional.rms_norm
+        try:
+            torch.nn.functional.rms_norm = lambda *a, **k: calls.append(1) or handle(*a, **k)
+            _tree_logits(model, prompt, tree)
+        finally:
+            torch.nn.functional.rms_norm = handle
+        assert not calls
+    assert fuse_rms_norms(model) == 0 and unfuse_rms_norms(model) == norms
+    assert type(model.model.norm).__name__.endswith("RMSNorm") and fused_rms_norm_count(model) == 0
+    model.half()  # another dtype: nothing to swap
+    assert fuse_rms_norms(model) == 0

@@ -1,9 +1,9 @@
 """Faster CPU kernels for the target's own layers, swapped in without changing any model class.
 
 `use_fast_kernels(model)` gives a CPU model's linear layers oneDNN-packed weights (packed_linear.py), multiplies
-sibling projections that read the same input as one matrix (fused_projections.py) and lets its grouped-query
-attention broadcast KV heads instead of copying them, a prompt's causal attention running in blocks of query rows
-(gqa_attention.py, blocked_prefill.py); `load_target` does this by default. `stock_kernels(model)` runs a block on
+sibling projections that read the same input as one matrix (fused_projections.py), computes its RMSNorm layers in
+one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads instead of copying them, a prompt's
+causal attention running in blocks of query rows (gqa_attention.py, blocked_prefill.py); `load_target` does this by default. `stock_kernels(model)` runs a block on
 transformers' own kernels (e.g. a benchmark's HF baseline).
 """
 
@@ -20,6 +20,7 @@ from hsd_rag.kernels.packed_linear import (
     stock_linears,
     unpack_linears,
 )
+from hsd_rag.kernels.rms_norm import fuse_rms_norms, fused_rms_norm_count, unfuse_rms_norms
 
 
 def use_fast_kernels(model) -> list[str]:
@@ -29,6 +30,8 @@ def use_fast_kernels(model) -> list[str]:
         names.append("packed-linear")
         if fuse_projections(model):
             names.append("fused-projections")
+    if fuse_rms_norms(model):
+        names.append("fused-rms-norm")
     if use_gqa_attention(model):
         names.append("gqa-sdpa")
     return names
@@ -41,6 +44,8 @@ def fast_kernel_names(model) -> list[str]:
         names.append("packed-linear")
     if fused_projection_count(model):
         names.append("fused-projections")
+    if fused_rms_norm_count(model):
+        names.append("fused-rms-norm")
     if getattr(model.config, "_attn_implementation", None) == GQA_SDPA:
         names.append("gqa-sdpa")
     return names
@@ -64,12 +69,15 @@ __all__ = [
     "PackedLinear",
     "fast_kernel_names",
     "fuse_projections",
+    "fuse_rms_norms",
     "fused_projection_count",
+    "fused_rms_norm_count",
     "pack_linears",
     "packed_linear_count",
     "stock_kernels",
     "stock_linears",
     "unfuse_projections",
+    "unfuse_rms_norms",
     "unpack_linears",
     "use_fast_kernels",
 ]

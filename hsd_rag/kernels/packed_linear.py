@@ -146,6 +146,11 @@ def unpack_linears(model: nn.Module) -> int:
     return len(packed)
 
 
+def stock_kernels_requested() -> bool:
+    """Whether this thread runs inside `stock_linears()` (other swapped-in layers honour it too)."""
+    return _STOCK.get()
+
+
 @contextmanager
 def stock_linears():
     """Run a block (in this thread) on the stock kernels, e.g. the HF `generate` baseline of a benchmark; the
