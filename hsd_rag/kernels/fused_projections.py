@@ -38,13 +38,11 @@ class FusedProjection:
         self._stash: tuple | None = None
 
     def _weights_key(self) -> tuple:
-        """Every member's weight and bias stamps (a new tensor has a new address, whatever its dtype or shape).
-        Read from `_parameters` directly: this runs on every fused multiply, and Module.__getattr__ is slow."""
+        """Every member's weight stamp (PackedLinear's own) and bias stamp: the fused bias is a copy too."""
         key = []
         for member in self.members:
-            params = member._parameters
-            bias = params.get("bias")
-            key.append(edit_stamp(params["weight"]))
+            bias = member._parameters.get("bias")  # not Module.__getattr__: this runs on every fused multiply
+            key.append(member._weight_key())
             key.append(None if bias is None else edit_stamp(bias))
         return tuple(key)
 

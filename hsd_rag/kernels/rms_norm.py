@@ -6,8 +6,8 @@ pass; on fp32 inputs it gives the same numbers bit for bit (checked on each laye
 A/Bs on 6 RAG prompts each measured decode +1 % / +3 % and prefill −3 % / −2 % (SmolLM2-135M, one thread).
 
 How, without changing the model classes: like PackedLinear, each norm of a known class (Llama, Qwen2, Mistral)
-gets a subclass of its own class as `__class__` (names, weights, hooks, `state_dict` unchanged); other dtypes, and
-code run under `stock_linears()` / `stock_kernels()`, take transformers' own forward. The subclasses are built on
+gets a subclass of its own class as `__class__` (names, weights, hooks, `state_dict` unchanged); other dtypes and
+devices, and code run under `stock_linears()` / `stock_kernels()`, take transformers' own forward. The subclasses are built on
 first use and are attributes of this module, so models holding them still copy and pickle.
 """
 
@@ -36,7 +36,12 @@ class FusedRMSNormForward:
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if hidden_states.dtype != torch.float32 or weight.dtype != torch.float32 or stock_kernels_requested():
+        if (
+            hidden_states.dtype != torch.float32
+            or weight.dtype != torch.float32
+            or hidden_states.device.type != "cpu"  # a CPU kernel swap: other devices keep transformers' code
+            or stock_kernels_requested()
+        ):
             return super().forward(hidden_states)
         return F.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, self.variance_epsilon)
 
