@@ -9,6 +9,7 @@ import torch
 
 from hsd_rag.decoder import HybridSpecDecoder
 from hsd_rag.heads import Eagle3Head, load_head
+from hsd_rag.heads.checkpoint import HeadCheckpointError
 from hsd_rag.training import TrainConfig, train_head
 from hsd_rag.training.api import export_head
 from hsd_rag.training.batches import FIRST_PREDICTION_OFFSET, collate
@@ -226,6 +227,55 @@ def test_training_lowers_the_loss_and_the_saved_head_loads(tmp_path, target, ite
     for name, value in trainer.head.state_dict().items():
         if value.is_floating_point():
             torch.testing.assert_close(loaded.state_dict()[name], value.to(torch.bfloat16).float())
+
+
+@torch.no_grad()
+def test_warm_start_continues_a_saved_head_under_a_new_vocabulary(tmp_path, target, items):
+    """A run started from a saved head computes the saved head's function on the shared tokens from step 0, and
+    rows of tokens the saved head lacks are the target's rows under the map that fits the shared ones."""
+    torch.manual_seed(4)
+    answers = [i.input_ids[i.answer_start :] for i in items]
+    # more shared rows than dimensions, so the least-squares map is unique
+    vocab = select_draft_vocab(answers, VOCAB, 2 * HIDDEN)
+    new_ids = vocab[::8]
+    saved_ids = torch.tensor([t for t in range(VOCAB) if t not in set(new_ids.tolist())])
+    source = Eagle3Head.from_target(target, draft_vocab_size=saved_ids.numel())
+    source.set_vocab_map(saved_ids)
+    for param in source.parameters():
+        param.normal_(0, 0.2)
+    embedding = target.get_output_embeddings().weight
+    mapping = torch.randn(HIDDEN, HIDDEN) * 0.3  # the saved rows are an exact linear map of the target's
+    source.lm_head.weight.copy_(embedding[saved_ids] @ mapping)
+    export_head(source, tmp_path / "saved", torch.float32)
+
+    shared = torch.isin(vocab, saved_ids)
+    assert int((~shared).sum()) == new_ids.numel()
+    cfg = config(tmp_path / "run", init_head=str(tmp_path / "saved"), draft_vocab_size=vocab.numel())
+    trainer = make_trainer(target, items, cfg, vocab)
+    trainer.precompute()
+    trainer.set_feature_scale()
+    assert not torch.equal(trainer.unrolled.feature_scale, torch.ones_like(trainer.unrolled.feature_scale))
+
+    features = torch.randn(1, 9, 3 * HIDDEN) * 5
+    ids = torch.randint(0, VOCAB, (1, 9))
+    hidden = trainer.unrolled.hidden_states(features, ids, 1)[0]  # the unroll divides by the scale
+    expected = source(features, shifted_tokens(ids, 0)).hidden
+    torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=1e-4)
+    row_of = {int(t): r for r, t in enumerate(saved_ids)}
+    for row, token in enumerate(vocab.tolist()):
+        expected = source.lm_head.weight[row_of[token]] if shared[row] else embedding[token] @ mapping
+        torch.testing.assert_close(trainer.head.lm_head.weight[row], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "hidden", "named"), [(VOCAB, 2 * HIDDEN, "fc.weight"), (2 * VOCAB, HIDDEN, "t2d")]
+)
+def test_warm_start_refuses_a_head_of_another_target(tmp_path, target, items, vocab, hidden, named):
+    other = tiny_model("llama", vocab=vocab, layers=LAYERS, hidden=hidden)
+    head = Eagle3Head.from_target(other, draft_vocab_size=DRAFT_VOCAB)
+    export_head(head, tmp_path / "other", torch.float32)
+    with pytest.raises(HeadCheckpointError, match=f"wrong shape.*{named}.*same target"):
+        make_trainer(target, items, config(tmp_path / "run", init_head=str(tmp_path / "other")))
 
 
 def test_resume_continues_with_identical_losses(tmp_path, target, items):

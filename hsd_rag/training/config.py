@@ -56,6 +56,11 @@ class TrainConfig(BaseModel):
     init_from_target: bool = True
     """Start the head's `lm_head` (draft-vocabulary rows) and final `norm` from the target's own, so the head
     only has to learn to produce a target-like last hidden state; False = PyTorch's default initialisation."""
+    init_head: str | None = None
+    """Start from this EAGLE-3 head (folder, hub id or "auto" = the head shipped for the default target; trained
+    for the same target) instead of a fresh one: its layer, `fc` and norms are copied, and the `lm_head` rows of
+    tokens both draft vocabularies hold (the others mapped from the target's rows, see `warm_start.py`). How to
+    teach a trained head new data or languages without starting over."""
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     """Fraction of the conversations held out from training for evaluation (loss and top-1 accuracy per depth)."""
     eval_every: int = Field(200, gt=0)

@@ -24,6 +24,7 @@ from hsd_rag.training.features import FeatureStore
 from hsd_rag.training.loss import DepthStats, ttt_loss
 from hsd_rag.training.runtime import Runtime
 from hsd_rag.training.ttt import UnrolledHead
+from hsd_rag.training.warm_start import warm_start
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_GLOB = "step-*.pt"
@@ -41,7 +42,8 @@ class Item:
 
 
 def init_head(model, draft_to_target: torch.Tensor, config: TrainConfig) -> Eagle3Head:
-    """A new head for `model` with the given draft vocabulary (see `TrainConfig.init_from_target`)."""
+    """A head for `model` with the given draft vocabulary, fresh or warm-started (`TrainConfig.init_from_target`,
+    `TrainConfig.init_head`)."""
     torch.manual_seed(config.seed)
     head = Eagle3Head.from_target(model, draft_vocab_size=int(draft_to_target.numel()))
     dtype = getattr(torch, config.dtype) if config.dtype else torch.float32
@@ -54,6 +56,8 @@ def init_head(model, draft_to_target: torch.Tensor, config: TrainConfig) -> Eagl
             rows = draft_to_target.to(model.get_output_embeddings().weight.device)
             head.lm_head.weight.copy_(model.get_output_embeddings().weight[rows])
             head.norm.weight.copy_(final_norm(model).weight)
+    if config.init_head is not None:
+        warm_start(head, config.init_head, model.get_output_embeddings().weight)
     return head
 
 
@@ -144,6 +148,12 @@ class Trainer:
             count += features.shape[0]
         return (total / count).sqrt().clamp(min=MIN_FEATURE_SCALE).float()
 
+    def set_feature_scale(self) -> None:
+        """Precondition the features of a run that starts now (not resumed) by their measured scale."""
+        self.unrolled.feature_scale.copy_(self.estimate_feature_scale())
+        if self.config.init_head is not None:  # a saved head reads raw features: move it onto the scaled ones
+            self.unrolled.unfold_feature_scale()
+
     def _batch(self, items: list[Item]):
         samples = [self.store.get(item.input_ids, item.answer_start) for item in items]
         feature_dtype = self.head.fc.weight.dtype
@@ -206,7 +216,7 @@ class Trainer:
         resumed = config.resume and self.load_latest()
         self.precompute()
         if not resumed:
-            self.unrolled.feature_scale.copy_(self.estimate_feature_scale())
+            self.set_feature_scale()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training head", disable=not self.progress)
         window, losses = DepthStats(), []
         while self.step < self.total_steps:

@@ -72,6 +72,12 @@ class UnrolledHead(nn.Module):
         self.head.fc.weight.div_(self.feature_scale.to(self.head.fc.weight.dtype)[None, :])
         self.feature_scale.fill_(1.0)
 
+    @torch.no_grad()
+    def unfold_feature_scale(self) -> None:
+        """The inverse for a head that reads raw features (a saved one): fc <- fc * scale, so the unrolled head
+        computes the same function on the preconditioned features."""
+        self.head.fc.weight.mul_(self.feature_scale.to(self.head.fc.weight.dtype)[None, :])
+
     def forward(
         self,
         features: torch.Tensor,  # [B, T, 3H] target features
