@@ -19,6 +19,7 @@ from hsd_rag.training.features import FeatureStore, compute_sample, fit_length, 
 from hsd_rag.training.trainer import Item, Trainer, init_head
 from hsd_rag.training.ttt import UnrolledHead, shifted_tokens
 from hsd_rag.training.vocab import coverage, select_draft_vocab, vocab_maps
+from hsd_rag.training.warm_start import warm_start
 from tests.tiny_models import IdTokenizer, tiny_model
 
 VOCAB = 256
@@ -341,3 +342,10 @@ def test_eval_head_cli_parses_and_refuses_no_head(capsys):
     assert (args.head, args.limit, args.budget, args.lang) == ("my-head", 3, 8, "en")
     assert main(["eval-head", "--head", "none"]) == 2
     assert "pass --head" in capsys.readouterr().err
+
+
+def test_warm_start_auto_names_the_shipped_head(target):
+    """ "auto" resolves to the head this package ships (for SmolLM2, so a tiny target is refused, naming it)."""
+    head = Eagle3Head.from_target(target, draft_vocab_size=DRAFT_VOCAB)
+    with pytest.raises(HeadCheckpointError, match="smollm2-135m-instruct-eagle3.*wrong shape"):
+        warm_start(head, "auto")
