@@ -3,8 +3,8 @@
 `use_fast_kernels(model)` gives a CPU model's linear layers oneDNN-packed weights (packed_linear.py), multiplies
 sibling projections that read the same input as one matrix (fused_projections.py), computes its RMSNorm layers in
 one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads instead of copying them, a prompt's
-causal attention running in blocks of query rows (gqa_attention.py, blocked_prefill.py); `load_target` does this by default. `stock_kernels(model)` runs a block on
-transformers' own kernels (e.g. a benchmark's HF baseline).
+causal attention running in blocks of query rows (gqa_attention.py, blocked_prefill.py); `load_target` does this
+by default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
 """
 
 from __future__ import annotations

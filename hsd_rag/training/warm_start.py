@@ -1,12 +1,12 @@
 """Start training from an existing EAGLE-3 head instead of a fresh one (e.g. to teach an English head new languages).
 
-Everything but the vocabulary-specific tensors is copied as is. The new run chooses its own draft vocabulary from
-its own data, so `lm_head` rows are copied only for the target tokens both vocabularies hold. A new token's row cannot
+Everything but the vocabulary-specific tensors is copied as is. The new run chooses its own draft vocabulary from its
+own data, so `lm_head` rows are copied only for the target tokens both vocabularies hold. A new token's row cannot
 simply be the target's output embedding (`init_from_target`'s start): training moved the shared rows away from
 theirs (the final `norm` changed too), and raw target rows then outscore every trained one. So the new rows are the
-target's rows mapped by the least-squares linear map that takes the shared tokens' target rows to their trained ones. A saved head reads raw target
-features (training's feature scale is folded into `fc`), so the trainer multiplies the scale back into `fc` once
-it has measured it (`UnrolledHead.unfold_feature_scale`).
+target's rows under the least-squares linear map that takes the shared tokens' target rows to their trained ones.
+A saved head reads raw target features (training's feature scale is folded into `fc`), so the trainer multiplies
+the scale back into `fc` once it has measured it (`UnrolledHead.unfold_feature_scale`).
 """
 
 from __future__ import annotations
