@@ -13,36 +13,8 @@ Figures for issue 10 (2026-12-02, one thread) are quoted in the README's Results
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass
-class Totals:
-    decode_s: float = 0.0
-    steps: int = 0
-    tokens: int = 0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    other_s: float = 0.0
-
-    def add(self, stats) -> None:
-        self.decode_s += stats.total_s - stats.prefill_s
-        self.steps += stats.steps
-        self.tokens += stats.new_tokens
-        self.draft_s += stats.draft_s
-        self.verify_s += stats.verify_s
-        self.other_s += stats.other_s
-
-    def line(self, method: str) -> str:
-        per_step = 1000 / max(self.steps, 1)
-        return (
-            f"{method:>14}: {self.tokens} tokens in {self.steps} forwards, τ {self.tokens / max(self.steps, 1):.2f}, "
-            f"{per_step * self.decode_s:.1f} ms per forward (draft {per_step * self.draft_s:.1f}, verify "
-            f"{per_step * self.verify_s:.1f}, other {per_step * self.other_s:.1f}), "
-            f"{self.tokens / max(self.decode_s, 1e-9):.1f} decode tokens/s"
-        )
 
 
 def main() -> None:
@@ -59,28 +31,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from hsd_rag import HybridSpecDecoder
     from hsd_rag.bench.datasets import load_cases
+    from hsd_rag.bench.runner import NO_HISTORY_SUFFIX, run_ours
+    from hsd_rag.bench.summary import summarize
 
     decoder = HybridSpecDecoder.from_pretrained()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = [m.strip() + NO_HISTORY_SUFFIX for m in args.methods.split(",") if m.strip()]
     budget = args.budget if args.budget == "auto" else int(args.budget)
     cases = load_cases(args.dataset, args.limit, decoder.tokenizer)
-    totals = {method: Totals() for method in methods}
-    warmup = cases[0]
-    for method in methods:
-        decoder.generate(warmup.prompt, documents=warmup.documents, method=method, max_new_tokens=8,
-                         answer_history=False)
+    for variant in variants:  # warm-up, not measured
+        run_ours(decoder, cases[0], variant, budget, 8, 0.0, 0)
+    records = []
     for run in range(args.passes):
         for i, case in enumerate(cases):
-            order = methods if (run + i) % 2 == 0 else methods[::-1]
-            for method in order:
-                result = decoder.generate(case.prompt, documents=case.documents, method=method, budget=budget,
-                                          max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                          answer_history=False)
-                totals[method].add(result.stats)
+            for variant in variants if (run + i) % 2 == 0 else variants[::-1]:
+                records.append(run_ours(decoder, case, variant, budget, args.max_new_tokens, 0.0, 0))
     print(f"{args.dataset}, budget {args.budget}, {len(cases)} prompts x {args.passes} passes, "
-          f"{args.threads} thread(s):")
-    for method, total in totals.items():
-        print(total.line(method))
+          f"{args.threads} thread(s), answer history off:")
+    for s in summarize(records):
+        per_step = 1000 / max(s.steps, 1)
+        print(
+            f"{s.method.removesuffix(NO_HISTORY_SUFFIX):>14}: {s.new_tokens} tokens in {s.steps} forwards, "
+            f"τ {s.tau:.2f}, {per_step * s.decode_s:.1f} ms per forward (draft {per_step * s.draft_s:.1f}, verify "
+            f"{per_step * s.verify_s:.1f}, other {per_step * s.other_s:.1f}), "
+            f"{s.decode_tokens_per_s:.1f} decode tokens/s"
+        )
 
 
 if __name__ == "__main__":

@@ -154,8 +154,8 @@ def _hf_generate(decoder, case: BenchCase, max_new_tokens: int, temperature: flo
     )
 
 
-def _ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_tokens: int, temperature: float,
-          seed: int) -> BenchRecord:
+def run_ours(decoder, case: BenchCase, method: str, budget: int | str, max_new_tokens: int, temperature: float,
+             seed: int) -> BenchRecord:
     name = method.replace(NO_PREFIX_SUFFIX, "")  # the prefix cache is chosen per variant (run_benchmark)
     history = not name.endswith(NO_HISTORY_SUFFIX)
     name = name.removesuffix(NO_HISTORY_SUFFIX)
@@ -276,4 +276,4 @@ def _run(decoder, case, method, budget, max_new_tokens, temperature, seed, peers
         return peers.run(method, decoder.encode_prompt(case.prompt), case, max_new_tokens, temperature, seed)
     if method == BASELINE:
         return _hf_generate(decoder, case, max_new_tokens, temperature, seed)
-    return _ours(decoder, case, method, budget, max_new_tokens, temperature, seed)
+    return run_ours(decoder, case, method, budget, max_new_tokens, temperature, seed)
