@@ -18,6 +18,7 @@ import torch
 from hsd_rag.budget import CostProfile
 from hsd_rag.drafters.base import DraftContext
 from hsd_rag.kernels import fast_kernel_names
+from hsd_rag.kernels.int8_linear import int8_linear_count
 from hsd_rag.paths import cache_dir
 from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 from hsd_rag.verify import forward_tree, prefill
@@ -45,6 +46,9 @@ def profile_key(decoder) -> str:
     kernels = fast_kernel_names(model)
     if kernels:  # fast kernels change the forward's cost curve (hsd_rag.kernels)
         raw += f"|kernels={'+'.join(kernels)}"
+    head = getattr(decoder, "head", None)
+    if head is not None and int8_linear_count(head):  # an int8 head drafts at another cost
+        raw += "|head=int8"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

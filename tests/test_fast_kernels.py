@@ -28,6 +28,7 @@ from hsd_rag.kernels import (
     use_fast_kernels,
 )
 from hsd_rag.kernels import packed_linear as packed_module
+from hsd_rag.kernels.int8_linear import int8_linear_count
 from tests.tiny_models import IdTokenizer, tiny_model
 
 pytestmark = pytest.mark.skipif(not packed_module.onednn_linear_available(), reason="torch built without oneDNN")
@@ -43,6 +44,11 @@ def _mlp() -> nn.Module:
 def test_packed_output_matches_stock_up_to_rounding(rows, dtype):
     model = _mlp().to(dtype)
     x = torch.randn(2, rows, 24, dtype=dtype)
+    if not packed_module.packable(dtype):  # bf16 on a CPU without native bf16: left on the stock kernels
+        with torch.inference_mode():
+            reference = model(x)
+            assert pack_linears(model) == 0 and torch.equal(model(x), reference)
+        return
     with torch.inference_mode():
         reference = model(x)
         assert pack_linears(model) == 2
@@ -170,7 +176,8 @@ def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_d
     model, head = default_decoder.model, default_decoder.head
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert packed_linear_count(model) == len(linears) > 100
-    assert head is not None and packed_linear_count(head) > 0
+    # the head runs on fast kernels too: packed bf16 where the CPU has native bf16, else int8 (test_int8_head.py)
+    assert head is not None and packed_linear_count(head) + int8_linear_count(head) > 0
     assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
     packed_key = profile_key(default_decoder)
     unpack_linears(model)
@@ -179,7 +186,8 @@ def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_d
     finally:
         use_fast_kernels(model)
     assert profile_key(default_decoder) == packed_key
-    assert fused_projection_count(model) == 2 * model.config.num_hidden_layers and fused_projection_count(head) == 2
+    assert fused_projection_count(model) == 2 * model.config.num_hidden_layers
+    assert fused_projection_count(head) == (2 if packed_linear_count(head) else 0)
 
 
 def test_load_target_can_keep_the_stock_kernels(tmp_path):

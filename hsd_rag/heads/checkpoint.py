@@ -20,7 +20,14 @@ from hsd_rag.heads.acceptance_priors import AcceptancePriors
 from hsd_rag.heads.base import DraftHead
 from hsd_rag.heads.eagle1 import Eagle1Head
 from hsd_rag.heads.eagle3 import Eagle3Head
-from hsd_rag.kernels import fuse_projections, pack_linears, packed_linear_count
+from hsd_rag.kernels import (
+    fuse_projections,
+    fuse_rms_norms,
+    fused_rms_norm_count,
+    pack_linears,
+    packed_linear_count,
+)
+from hsd_rag.kernels.int8_linear import int8_linears
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -108,7 +115,8 @@ def load_head(
     device defaults to the target's input embedding's device, dtype to the target's dtype, except that an EAGLE-3
     head of a float32 target on a CPU with native bf16 matmuls runs in bfloat16: a head's precision only changes
     which drafts it proposes, never the output (the target verifies every draft), and its drafting costs ~30 %
-    less time there (SmolLM2 head, 18.6 -> 13.4 ms per step, τ unchanged).
+    less time there (SmolLM2 head, 18.6 -> 13.4 ms per step, τ unchanged). On a CPU without them, a head left
+    in float32 multiplies with int8 weights when the target runs on the fast CPU kernels (hsd_rag.kernels).
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config_dict, state = read_checkpoint(directory)
@@ -131,9 +139,12 @@ def load_head(
         dtype = (_cpu_draft_dtype() if cpu_fp32 else None) or embedding.weight.dtype
     head = head.to(device=device, dtype=dtype)
     head.acceptance_priors = AcceptancePriors.load(directory)  # None when the head ships no priors
-    if packed_linear_count(target_model):  # the head runs on the kernels the target was given
-        if pack_linears(head):
+    if packed_linear_count(target_model):  # the head runs on fast kernels when the target does
+        # an fp32 head on a CPU: int8 weights (hsd_rag.kernels.int8_linear); a bf16 one: packed weights
+        if not int8_linears(head) and pack_linears(head):
             fuse_projections(head)
+    if fused_rms_norm_count(target_model):
+        fuse_rms_norms(head)
     return head.bind_target(target_model).eval()
 
 

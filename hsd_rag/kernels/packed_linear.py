@@ -29,7 +29,7 @@ from hsd_rag.tensor_stamp import edit_stamp
 
 log = logging.getLogger(__name__)
 
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)  # bf16 only on CPUs with native bf16 (see `packable`)
 _STOCK = ContextVar("hsd_rag_stock_linears", default=False)  # set by `stock_linears()` for the current thread
 
 
@@ -44,6 +44,20 @@ def onednn_linear_available() -> bool:
     except (RuntimeError, AttributeError):  # a build without the op
         return False
     return bool(torch.equal(out, torch.full((1, 4), 4.0)))
+
+
+@cache
+def packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of `dtype` here: bf16 needs native bf16 support (AVX512-BF16/AMX or
+    AVX-NE-CONVERT); on an AVX2-only CPU oneDNN refuses it, so a bf16 model keeps the stock kernels there."""
+    if dtype not in PACKABLE_DTYPES:
+        return False
+    if dtype == torch.bfloat16:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
 
 
 class PackedLinear(nn.Linear):
@@ -71,7 +85,7 @@ class PackedLinear(nn.Linear):
             x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
-            or weight.dtype not in PACKABLE_DTYPES
+            or not packable(weight.dtype)
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             or _STOCK.get()
         ):
@@ -113,7 +127,7 @@ def pack_linears(model: nn.Module, *, max_memory_share: float | None = 0.5) -> i
     (and a message says why) when they would take more than that share of the memory available now. Models on
     another device, in other dtypes, or on a torch build without oneDNN are left as they are (returns 0).
     """
-    linears = [m for m in _linears(model, nn.Linear) if m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE_DTYPES]
+    linears = [m for m in _linears(model, nn.Linear) if m.weight.device.type == "cpu" and packable(m.weight.dtype)]
     if not linears or not onednn_linear_available():
         return 0
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
