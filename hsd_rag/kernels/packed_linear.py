@@ -4,6 +4,7 @@ Why: on CPU a decode step of a small model is almost all `aten::mm` over skinny 
 stock kernel re-reads the row-major weight in a layout made for large batches. oneDNN's prepacked weights make
 a verification forward 1.5-2.6x cheaper for 1..64 query tokens (SmolLM2-135M, fp32, one thread: 50 -> 33 ms
 for one token, 126 -> 62 ms for 16), and the cheaper the multi-token forward, the bigger a draft tree pays.
+On a CPU without AVX-512 a one-row multiply keeps the stock kernel, faster there (`one_row_on_stock`).
 
 The swap is in place and reversible: each exact `nn.Linear` gets this subclass as its `__class__`, so module
 names, parameters, tied weights, hooks and `state_dict` stay as they were, and `model.generate` runs on the same
@@ -47,6 +48,18 @@ def onednn_linear_available() -> bool:
 
 
 @cache
+def one_row_on_stock() -> bool:
+    """Whether a one-row multiply (a plain decode step, a tree of just the root) takes the stock kernel.
+
+    On a CPU without AVX-512 oneDNN's packed kernel is slower than the stock one for one row once the weights
+    stream from memory: on a 2-core AVX2 EPYC (SmolLM2-135M, one thread, 400 cached tokens) a 1-token forward
+    took 91 ms packed against 78 ms stock, while packing still paid from two rows on (8 tokens 128 vs 143 ms,
+    16 tokens 166 vs 181, a 300-token prefill 1.54 vs 1.73 s). With AVX-512 packing paid for one row too.
+    """
+    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@cache
 def packable(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs weights of `dtype` here: bf16 needs native bf16 support (AVX512-BF16/AMX or
     AVX-NE-CONVERT); on an AVX2-only CPU oneDNN refuses it, so a bf16 model keeps the stock kernels there."""
@@ -86,6 +99,7 @@ class PackedLinear(nn.Linear):
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
             or not packable(weight.dtype)
+            or (x.numel() == x.shape[-1] and one_row_on_stock())
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             or _STOCK.get()
         ):
