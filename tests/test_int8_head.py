@@ -14,7 +14,7 @@ from torch import nn
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.heads import checkpoint as checkpoint_module
 from hsd_rag.heads import load_head, save_head
-from hsd_rag.kernels import packed_linear_count, use_fast_kernels
+from hsd_rag.kernels import packed_linear_count, stock_linears, use_fast_kernels
 from hsd_rag.kernels.int8_linear import (
     Int8Linear,
     float_linears,
@@ -82,7 +82,9 @@ def test_inputs_off_cpu_or_not_in_float32_take_the_float_path(monkeypatch):
     monkeypatch.setattr(int8_module.F, "linear", lambda *args: calls.append(args) or "float")
     assert model[0](torch.empty(2, 96, device="meta")) == "float"
     assert model[0](torch.randn(2, 96, dtype=torch.float64)) == "float"
-    assert len(calls) == 2
+    with stock_linears():  # a stock-kernel baseline runs the float weight too
+        assert model[0](torch.randn(2, 96)) == "float"
+    assert len(calls) == 3
     assert int8_linears(_mlp().to(torch.bfloat16)) == 0  # only fp32 layers are quantized
 
 

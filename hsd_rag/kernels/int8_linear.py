@@ -10,7 +10,8 @@ logits decide the output).
 
 Same contract as PackedLinear: the swap is in place (`__class__`), the fp32 weight stays the parameter (so
 `state_dict`, `save_head` and training see the head unchanged), the int8 copy is derived state rebuilt when the
-weight is replaced or edited, dropped on copy/pickle, and bypassed off CPU, for other dtypes or under autograd.
+weight is replaced or edited, dropped on copy/pickle, and bypassed off CPU, for other dtypes, under autograd or
+inside `stock_linears()`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hsd_rag.kernels.packed_linear import swapped_kernel_applies
 from hsd_rag.tensor_stamp import edit_stamp
 
 # fbgemm's AVX2 kernels multiply uint8 activations by int8 weights in 16-bit pairs: 7-bit activations keep the
@@ -72,13 +74,7 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if (
-            x.device.type != "cpu"
-            or weight.device.type != "cpu"
-            or x.dtype != torch.float32
-            or weight.dtype != torch.float32
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        ):
+        if not swapped_kernel_applies(x, weight) or x.dtype != torch.float32 or weight.dtype != torch.float32:
             return F.linear(x, weight, self.bias)
         packed = self._int8
         if packed is None or self._int8_key != self._weight_key():

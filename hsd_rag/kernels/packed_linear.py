@@ -95,13 +95,10 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            x.device.type != "cpu"
-            or weight.device.type != "cpu"
+            not swapped_kernel_applies(x, weight)
             or x.dtype != weight.dtype
             or not packable(weight.dtype)
             or (x.numel() == x.shape[-1] and one_row_on_stock())
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            or _STOCK.get()
         ):
             return F.linear(x, weight, self.bias)
         if self._projection is not None:
@@ -172,6 +169,17 @@ def unpack_linears(model: nn.Module) -> int:
         module.__dict__.pop("_projection", None)
         module.__dict__.pop("_projection_index", None)
     return len(packed)
+
+
+def swapped_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """What every swapped-in linear kernel needs: input and weight on CPU, no autograd through the weight, and no
+    `stock_linears()` block in this thread; otherwise the layer runs `F.linear` on its own weight."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        and not _STOCK.get()
+    )
 
 
 def stock_kernels_requested() -> bool:
