@@ -29,7 +29,11 @@ from hsd_rag.kernels import (
 )
 from hsd_rag.kernels import packed_linear as packed_module
 from hsd_rag.kernels.int8_linear import int8_linear_count
+from hsd_rag.kernels.panel_gemm import panel_gemm_applies
 from tests.tiny_models import IdTokenizer, tiny_model
+
+# The names an fp32 model's packed linears report: the panel GEMM joins them where it applies (AVX2 CPUs).
+PACKED = ["packed-linear", *(["panel-gemm"] if panel_gemm_applies(torch.float32) else [])]
 
 pytestmark = pytest.mark.skipif(not packed_module.onednn_linear_available(), reason="torch built without oneDNN")
 
@@ -158,7 +162,7 @@ def test_decoder_on_fast_kernels_equals_generate_on_the_same_model(arch, method)
     out = decoder.generate(prompt, documents=[" ".join(map(str, prompt))], method=method, max_new_tokens=40)
     assert list(out.token_ids) == reference
     assert packed_linear_count(model) == len([m for m in model.modules() if isinstance(m, nn.Linear)])
-    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
+    assert fast_kernel_names(model) == [*PACKED, "fused-projections", "fused-rms-norm", "gqa-sdpa"]
 
 
 def test_non_cpu_inputs_take_the_stock_path(monkeypatch):
@@ -178,7 +182,7 @@ def test_the_default_model_and_its_head_run_packed_and_tune_separately(default_d
     assert packed_linear_count(model) == len(linears) > 100
     # the head runs on fast kernels too: packed bf16 where the CPU has native bf16, else int8 (test_int8_head.py)
     assert head is not None and packed_linear_count(head) + int8_linear_count(head) > 0
-    assert fast_kernel_names(model) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
+    assert fast_kernel_names(model) == [*PACKED, "fused-projections", "fused-rms-norm", "gqa-sdpa"]
     packed_key = profile_key(default_decoder)
     unpack_linears(model)
     try:
@@ -197,13 +201,13 @@ def test_load_target_can_keep_the_stock_kernels(tmp_path):
     tiny_model("llama", layers=1, hidden=32).save_pretrained(tmp_path)
     byte_fallback_tokenizer().save_pretrained(tmp_path)
     fast = load_target(tmp_path, device="cpu")[0]
-    assert fast_kernel_names(fast) == ["packed-linear", "fused-projections", "fused-rms-norm", "gqa-sdpa"]
+    assert fast_kernel_names(fast) == [*PACKED, "fused-projections", "fused-rms-norm", "gqa-sdpa"]
     assert packed_linear_count(fast) > 0
     stock = load_target(tmp_path, device="cpu", fast_cpu_kernels=False)[0]
     assert fast_kernel_names(stock) == [] and stock.config._attn_implementation == "sdpa"
     eager = load_target(tmp_path, device="cpu", attn_implementation="eager")[0]
     # a chosen attention implementation is kept
-    assert fast_kernel_names(eager) == ["packed-linear", "fused-projections", "fused-rms-norm"]
+    assert fast_kernel_names(eager) == [*PACKED, "fused-projections", "fused-rms-norm"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -260,7 +264,7 @@ def test_fused_projections_give_the_same_logits_bit_for_bit(arch):
     pack_linears(model)
     separate = _tree_logits(model, prompt, tree)
     assert fuse_projections(model) == 2 * model.config.num_hidden_layers
-    assert fast_kernel_names(model) == ["packed-linear", "fused-projections"]
+    assert fast_kernel_names(model) == [*PACKED, "fused-projections"]
     assert torch.equal(_tree_logits(model, prompt, tree), separate)
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj._projection is layer.self_attn.v_proj._projection is not None

@@ -1,6 +1,7 @@
 """Faster CPU kernels for the target's own layers, swapped in without changing any model class.
 
-`use_fast_kernels(model)` gives a CPU model's linear layers oneDNN-packed weights (packed_linear.py), multiplies
+`use_fast_kernels(model)` gives a CPU model's linear layers pre-packed weights (packed_linear.py: 16-column panels
+for our skinny GEMM on AVX2 CPUs, panel_gemm.py; oneDNN's layout elsewhere), multiplies
 sibling projections that read the same input as one matrix (fused_projections.py), computes its RMSNorm layers in
 one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads instead of copying them, a prompt's
 causal attention running in blocks of query rows (gqa_attention.py, blocked_prefill.py); `load_target` does this
@@ -11,16 +12,26 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 from hsd_rag.kernels.fused_projections import fuse_projections, fused_projection_count, unfuse_projections
 from hsd_rag.kernels.gqa_attention import GQA_SDPA, use_gqa_attention, use_stock_attention
 from hsd_rag.kernels.packed_linear import (
     PackedLinear,
+    PackedWeight,
     pack_linears,
     packed_linear_count,
     stock_linears,
     unpack_linears,
 )
+from hsd_rag.kernels.panel_gemm import panel_gemm_applies
 from hsd_rag.kernels.rms_norm import fuse_rms_norms, fused_rms_norm_count, unfuse_rms_norms
+
+
+def _uses_panel_gemm(model) -> bool:
+    return panel_gemm_applies(torch.float32) and any(
+        type(m) is PackedLinear and m.weight.dtype == torch.float32 for m in model.modules()
+    )
 
 
 def use_fast_kernels(model) -> list[str]:
@@ -28,6 +39,8 @@ def use_fast_kernels(model) -> list[str]:
     names = []
     if pack_linears(model):
         names.append("packed-linear")
+        if _uses_panel_gemm(model):
+            names.append("panel-gemm")
         if fuse_projections(model):
             names.append("fused-projections")
     if fuse_rms_norms(model):
@@ -42,6 +55,8 @@ def fast_kernel_names(model) -> list[str]:
     names = []
     if packed_linear_count(model):
         names.append("packed-linear")
+        if _uses_panel_gemm(model):
+            names.append("panel-gemm")
     if fused_projection_count(model):
         names.append("fused-projections")
     if fused_rms_norm_count(model):
@@ -67,6 +82,7 @@ def stock_kernels(model):
 
 __all__ = [
     "PackedLinear",
+    "PackedWeight",
     "fast_kernel_names",
     "fuse_projections",
     "fuse_rms_norms",

@@ -30,7 +30,7 @@ class FusedProjection:
     def __init__(self, members: list[nn.Linear]):
         self.members = members
         self.sizes = [m.out_features for m in members]
-        self._packed: torch.Tensor | None = None
+        self._packed = None  # a packed_linear.PackedWeight
         self._bias: torch.Tensor | None = None
         self._key: tuple | None = None
         # (input, per-member outputs, members not yet served): one tuple, replaced whole, so a reader never mixes
@@ -47,9 +47,10 @@ class FusedProjection:
         return tuple(key)
 
     def _pack(self, key: tuple) -> None:
+        from hsd_rag.kernels.packed_linear import PackedWeight
+
         with torch.no_grad():
-            weight = torch.cat([m.weight.detach() for m in self.members])
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self._packed = PackedWeight(torch.cat([m.weight.detach() for m in self.members]))
             biases = [m.bias for m in self.members]
             self._bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self._key = key
@@ -64,7 +65,7 @@ class FusedProjection:
         key = self._weights_key()
         if self._packed is None or key != self._key:
             self._pack(key)
-        fused = torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
+        fused = self._packed.multiply(x, self._bias)
         outputs = fused.split(self.sizes, dim=-1)
         pending = frozenset(range(len(self.members))) - {index}
         self._stash = (x, outputs, pending)

@@ -4,7 +4,9 @@ Why: on CPU a decode step of a small model is almost all `aten::mm` over skinny 
 stock kernel re-reads the row-major weight in a layout made for large batches. oneDNN's prepacked weights make
 a verification forward 1.5-2.6x cheaper for 1..64 query tokens (SmolLM2-135M, fp32, one thread: 50 -> 33 ms
 for one token, 126 -> 62 ms for 16), and the cheaper the multi-token forward, the bigger a draft tree pays.
-On a CPU without AVX-512 a one-row multiply keeps the stock kernel, faster there (`one_row_on_stock`).
+On a CPU with AVX2 and without AVX-512 the packed copy is in 16-column panels for our own skinny GEMM
+(panel_gemm.py), which costs 1..6 rows as much as one; where that kernel cannot be built, a one-row multiply keeps
+the stock kernel, faster there than oneDNN's (`one_row_on_stock`).
 
 The swap is in place and reversible: each exact `nn.Linear` gets this subclass as its `__class__`, so module
 names, parameters, tied weights, hooks and `state_dict` stay as they were, and `model.generate` runs on the same
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hsd_rag.kernels.panel_gemm import pack_panels, panel_gemm_applies, panel_linear
 from hsd_rag.tensor_stamp import edit_stamp
 
 log = logging.getLogger(__name__)
@@ -54,9 +57,10 @@ def one_row_on_stock() -> bool:
     On a CPU without AVX-512 oneDNN's packed kernel is slower than the stock one for one row once the weights
     stream from memory: on a 2-core AVX2 EPYC (SmolLM2-135M, one thread, 400 cached tokens) a 1-token forward
     took 91 ms packed against 78 ms stock, while packing still paid from two rows on (8 tokens 128 vs 143 ms,
-    16 tokens 166 vs 181, a 300-token prefill 1.54 vs 1.73 s). With AVX-512 packing paid for one row too.
+    16 tokens 166 vs 181, a 300-token prefill 1.54 vs 1.73 s). With AVX-512 packing paid for one row too, and
+    where the panel GEMM applies it beats both for one row.
     """
-    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512") and not panel_gemm_applies(torch.float32)
 
 
 @cache
@@ -73,10 +77,28 @@ def packable(dtype: torch.dtype) -> bool:
     return True
 
 
+class PackedWeight:
+    """A weight in the layout of the kernel that multiplies it: 16-column panels (panel_gemm.py) where that
+    applies, else oneDNN's opaque blocked tensor."""
+
+    __slots__ = ("data", "out_features", "panels")
+
+    def __init__(self, weight: torch.Tensor):
+        weight = weight.detach()
+        self.out_features = weight.shape[0]
+        self.panels = panel_gemm_applies(weight.dtype)
+        self.data = pack_panels(weight) if self.panels else torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.panels:
+            return panel_linear(x, self.data, self.out_features, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+
+
 class PackedLinear(nn.Linear):
     """A `nn.Linear` that multiplies with a oneDNN-packed copy of its weight on CPU (see module docstring)."""
 
-    _packed: torch.Tensor | None
+    _packed: PackedWeight | None
     _packed_key: tuple | None
     _projection = None  # a FusedProjection shared with sibling layers that read the same input (optional)
     _projection_index = 0
@@ -86,9 +108,9 @@ class PackedLinear(nn.Linear):
         `_parameters` directly because this runs on every multiply and Module.__getattr__ is slow."""
         return edit_stamp(self._parameters["weight"])
 
-    def _pack(self) -> torch.Tensor:
+    def _pack(self) -> PackedWeight:
         with torch.no_grad():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            self._packed = PackedWeight(self.weight)
         self._packed_key = self._weight_key()
         return self._packed
 
@@ -106,11 +128,11 @@ class PackedLinear(nn.Linear):
         packed = self._packed
         if packed is None or self._packed_key != self._weight_key():
             packed = self._pack()
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return packed.multiply(x, self.bias)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        # opaque oneDNN tensors cannot be copied or pickled; a copy packs its own weight when first used
+        # derived state (opaque oneDNN tensors cannot even be copied or pickled): a copy packs its own when first used
         state["_packed"], state["_packed_key"], state["_projection"] = None, None, None
         return state
 
