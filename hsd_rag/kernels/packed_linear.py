@@ -96,7 +96,7 @@ class PackedWeight:
 
 
 class PackedLinear(nn.Linear):
-    """A `nn.Linear` that multiplies with a oneDNN-packed copy of its weight on CPU (see module docstring)."""
+    """A `nn.Linear` that multiplies with a pre-packed copy of its weight on CPU (see module docstring)."""
 
     _packed: PackedWeight | None
     _packed_key: tuple | None
