@@ -8,8 +8,8 @@ for up to 6 rows; measured on a 2-core AVX2 EPYC (one thread, the 90 MLP matrice
 
 It is built with torch's C++ extension loader (a C++ compiler and ninja) into torch's extensions directory
 (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions) on first use, ~35 s once per source and torch
-version (`scripts/setup.sh` does it up front); without a compiler, or with `HSD_RAG_PANEL_GEMM=0`, the packed
-layers keep oneDNN's kernel, and the log says why once.
+version (`scripts/setup.sh` does it up front). Where it cannot build (no compiler or ninja: logged once, with the
+fix), with `HSD_RAG_PANEL_GEMM=0`, or on a CPU that is not AVX2-only, the packed layers keep oneDNN's kernel.
 """
 
 from __future__ import annotations
