@@ -19,7 +19,7 @@ from hsd_rag.kernels.packed_linear import PackedWeight
 from hsd_rag.kernels.panel_gemm import pack_panels, panel_gemm_applies, panel_linear
 
 needs_kernel = pytest.mark.skipif(
-    not panel_gemm_applies(torch.float32), reason="the panel GEMM applies only to AVX2 CPUs without AVX-512"
+    not panel_gemm_applies(torch.float32), reason="the panel GEMM needs an AVX2 / AVX-512 CPU and a compiler"
 )
 
 
@@ -75,6 +75,38 @@ def test_packed_layers_use_panels_and_stay_close_to_stock():
                                                       model[2].weight))
 
 
+@needs_kernel
+def test_with_a_row_limit_larger_multiplies_take_the_onednn_copy(monkeypatch):
+    """AVX-512: the panels serve up to `panel_rows_limit()` rows, a oneDNN copy the rest (prompts, big trees)."""
+    monkeypatch.setattr("hsd_rag.kernels.packed_linear.panel_rows_limit", lambda: 3)
+    calls = []
+    real = panel_module.panel_linear
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr("hsd_rag.kernels.packed_linear.panel_linear", counted)
+    torch.manual_seed(2)
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    packed = PackedWeight(weight)
+    assert packed.panels and packed.onednn is not None
+    for rows in (1, 3, 4, 50):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(packed.multiply(x, bias), F.linear(x, weight, bias), atol=2e-5, rtol=1e-5)
+    assert calls == [1, 3]
+
+
+def test_the_onednn_copy_counts_in_the_memory_check(monkeypatch):
+    from hsd_rag.kernels import packed_linear
+
+    monkeypatch.setattr(packed_linear, "panel_gemm_applies", lambda dtype: True)
+    monkeypatch.setattr(packed_linear, "panel_rows_limit", lambda: 12)
+    assert packed_linear.packed_copies(torch.float32) == 2
+    monkeypatch.setattr(packed_linear, "panel_rows_limit", lambda: None)
+    assert packed_linear.packed_copies(torch.float32) == 1
+
+
 def test_other_dtypes_and_disabled_kernel_keep_onednn(monkeypatch):
     assert not panel_gemm_applies(torch.bfloat16)
     monkeypatch.setattr("hsd_rag.kernels.packed_linear.panel_gemm_applies", lambda dtype: False)
@@ -98,11 +130,11 @@ def test_a_failed_build_falls_back_with_a_message(monkeypatch, caplog):
     def no_compiler(**kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
 
-    monkeypatch.setattr(panel_module, "_cpu_has_avx2_only", lambda: True)
+    monkeypatch.setattr(panel_module, "_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     panel_module.extension.cache_clear()
     try:
-        with caplog.at_level(logging.INFO, logger="hsd_rag.kernels.panel_gemm"):
+        with caplog.at_level(logging.INFO, logger="hsd_rag.kernels.cpp_build"):
             assert panel_module.extension() is None
         assert "could not be built" in caplog.text and "command not found" in caplog.text
     finally:

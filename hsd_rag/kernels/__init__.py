@@ -1,11 +1,12 @@
 """Faster CPU kernels for the target's own layers, swapped in without changing any model class.
 
-`use_fast_kernels(model)` gives a CPU model's linear layers pre-packed weights (packed_linear.py: 16-column panels
-for our skinny GEMM on AVX2 CPUs, panel_gemm.py; oneDNN's layout elsewhere), multiplies
-sibling projections that read the same input as one matrix (fused_projections.py), computes its RMSNorm layers in
-one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads instead of copying them, a prompt's
-causal attention running in blocks of query rows (gqa_attention.py, blocked_prefill.py); `load_target` does this
-by default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
+`use_fast_kernels(model)` gives a CPU model's linear layers pre-packed weights (packed_linear.py: 16-column
+panels for our skinny GEMM on AVX2 / AVX-512 CPUs, panel_gemm.py; oneDNN's layout elsewhere and for large
+multiplies), multiplies sibling projections that read the same input as one matrix (fused_projections.py),
+computes its RMSNorm layers in one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads
+instead of copying them, a prompt's causal attention running in blocks of query rows and a decode step's few
+queries on our own kernel (gqa_attention.py, blocked_prefill.py, tree_attention.py); `load_target` does this by
+default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hsd_rag.kernels.packed_linear import (
 )
 from hsd_rag.kernels.panel_gemm import panel_gemm_applies
 from hsd_rag.kernels.rms_norm import fuse_rms_norms, fused_rms_norm_count, unfuse_rms_norms
+from hsd_rag.kernels.tree_attention import extension as _tree_attention_kernel
 
 
 def _uses_panel_gemm(model) -> bool:
@@ -47,6 +49,8 @@ def use_fast_kernels(model) -> list[str]:
         names.append("fused-rms-norm")
     if use_gqa_attention(model):
         names.append("gqa-sdpa")
+        if _tree_attention_kernel() is not None:
+            names.append("tree-attention")
     return names
 
 
@@ -63,6 +67,8 @@ def fast_kernel_names(model) -> list[str]:
         names.append("fused-rms-norm")
     if getattr(model.config, "_attn_implementation", None) == GQA_SDPA:
         names.append("gqa-sdpa")
+        if _tree_attention_kernel() is not None:
+            names.append("tree-attention")
     return names
 
 

@@ -6,7 +6,7 @@ passes one. torch's CPU SDPA accepts `enable_gqa=True` with a mask and gives the
 (tests/test_packed_linear.py), without the copy.
 
 A causal prompt forward on CPU (a prefill: no mask, or exactly the causal mask) runs in blocks of query rows
-(blocked_prefill.py).
+(blocked_prefill.py); a decode step's or draft tree's few queries go to our own kernel (tree_attention.py).
 
 Registered with transformers' AttentionInterface under `GQA_SDPA`, so the model classes stay as they are;
 anything these paths do not cover (position biases, softcapping, attention weights, non-CPU tensors, a single
@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch.nn import functional as F
 
 from hsd_rag.kernels.blocked_prefill import PREFILL_BLOCK, blocked_causal_attention, is_offset_causal_mask
+from hsd_rag.kernels.tree_attention import tree_attention, tree_attention_applies
 
 GQA_SDPA = "hsd_rag_gqa_sdpa"
 
@@ -29,6 +30,8 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
     if _blocked_prefill_applies(module, query, key, attention_mask, dropout, is_causal, kwargs):
         return blocked_causal_attention(query, key, value, scaling), None
+    if tree_attention_applies(query, key, value, attention_mask, dropout, kwargs):
+        return tree_attention(query, key, value, attention_mask, scaling), None
     if (
         getattr(module, "num_key_value_groups", 1) == 1
         or query.shape[2] == 1  # transformers folds the heads of a single query without copying

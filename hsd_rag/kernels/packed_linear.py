@@ -4,9 +4,10 @@ Why: on CPU a decode step of a small model is almost all `aten::mm` over skinny 
 stock kernel re-reads the row-major weight in a layout made for large batches. oneDNN's prepacked weights make
 a verification forward 1.5-2.6x cheaper for 1..64 query tokens (SmolLM2-135M, fp32, one thread: 50 -> 33 ms
 for one token, 126 -> 62 ms for 16), and the cheaper the multi-token forward, the bigger a draft tree pays.
-On a CPU with AVX2 and without AVX-512 the packed copy is in 16-column panels for our own skinny GEMM
-(panel_gemm.py), which costs 1..6 rows as much as one; where that kernel cannot be built, a one-row multiply keeps
-the stock kernel, faster there than oneDNN's (`one_row_on_stock`).
+On a CPU with AVX2 the packed copy is in 16-column panels for our own skinny GEMM (panel_gemm.py), which costs
+1..6 rows as much as one; with AVX-512 only multiplies of a few rows take it, and a oneDNN copy serves the rest.
+Where that kernel cannot be built on an AVX2-only CPU, a one-row multiply keeps the stock kernel, faster there
+than oneDNN's (`one_row_on_stock`).
 
 The swap is in place and reversible: each exact `nn.Linear` gets this subclass as its `__class__`, so module
 names, parameters, tied weights, hooks and `state_dict` stay as they were, and `model.generate` runs on the same
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hsd_rag.kernels.panel_gemm import pack_panels, panel_gemm_applies, panel_linear
+from hsd_rag.kernels.panel_gemm import pack_panels, panel_gemm_applies, panel_linear, panel_rows_limit
 from hsd_rag.tensor_stamp import edit_stamp
 
 log = logging.getLogger(__name__)
@@ -79,20 +80,34 @@ def packable(dtype: torch.dtype) -> bool:
 
 class PackedWeight:
     """A weight in the layout of the kernel that multiplies it: 16-column panels (panel_gemm.py) where that
-    applies, else oneDNN's opaque blocked tensor."""
+    applies, else oneDNN's opaque blocked tensor. Where the panel kernel takes only a few rows (AVX-512,
+    `panel_rows_limit`) a oneDNN copy is kept too, for prompts and large trees."""
 
-    __slots__ = ("data", "out_features", "panels")
+    __slots__ = ("data", "out_features", "panels", "onednn", "max_panel_rows")
 
     def __init__(self, weight: torch.Tensor):
         weight = weight.detach()
         self.out_features = weight.shape[0]
         self.panels = panel_gemm_applies(weight.dtype)
-        self.data = pack_panels(weight) if self.panels else torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.data = pack_panels(weight) if self.panels else _onednn_pack(weight)
+        self.max_panel_rows = panel_rows_limit() if self.panels else None
+        self.onednn = _onednn_pack(weight) if self.max_panel_rows is not None else None
 
     def multiply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.panels:
-            return panel_linear(x, self.data, self.out_features, bias)
+            if self.onednn is None or x.numel() <= self.max_panel_rows * x.shape[-1]:
+                return panel_linear(x, self.data, self.out_features, bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn, bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def packed_copies(dtype: torch.dtype) -> int:
+    """Packed copies a weight of `dtype` gets here (2: panels for few rows and oneDNN's for many)."""
+    return 2 if panel_gemm_applies(dtype) and panel_rows_limit() is not None else 1
 
 
 class PackedLinear(nn.Linear):
@@ -156,14 +171,14 @@ def _available_memory() -> int | None:
 def pack_linears(model: nn.Module, *, max_memory_share: float | None = 0.5) -> int:
     """Give every exact `nn.Linear` of a CPU model in fp32/bf16 packed weights; returns how many were packed.
 
-    The packed copies cost as much memory as the linear weights; with `max_memory_share` set, nothing is packed
-    (and a message says why) when they would take more than that share of the memory available now. Models on
+    The packed copies cost as much memory as the linear weights (twice that where `packed_copies` is 2); with
+    `max_memory_share` set, nothing is packed (and a message says why) when they would take more than that share of the memory available now. Models on
     another device, in other dtypes, or on a torch build without oneDNN are left as they are (returns 0).
     """
     linears = [m for m in _linears(model, nn.Linear) if m.weight.device.type == "cpu" and packable(m.weight.dtype)]
     if not linears or not onednn_linear_available():
         return 0
-    extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    extra = sum(m.weight.numel() * m.weight.element_size() * packed_copies(m.weight.dtype) for m in linears)
     available = _available_memory()
     if max_memory_share is not None and available is not None and extra > max_memory_share * available:
         log.info(
