@@ -172,8 +172,9 @@ def pack_linears(model: nn.Module, *, max_memory_share: float | None = 0.5) -> i
     """Give every exact `nn.Linear` of a CPU model in fp32/bf16 packed weights; returns how many were packed.
 
     The packed copies cost as much memory as the linear weights (twice that where `packed_copies` is 2); with
-    `max_memory_share` set, nothing is packed (and a message says why) when they would take more than that share of the memory available now. Models on
-    another device, in other dtypes, or on a torch build without oneDNN are left as they are (returns 0).
+    `max_memory_share` set, nothing is packed (and a message says why) when they would take more than that share
+    of the memory available now. Models on another device, in other dtypes, or on a torch build without oneDNN are
+    left as they are (returns 0).
     """
     linears = [m for m in _linears(model, nn.Linear) if m.weight.device.type == "cpu" and packable(m.weight.dtype)]
     if not linears or not onednn_linear_available():
