@@ -3,14 +3,15 @@
 Why: transformers' "sdpa" path repeats every key/value head `num_key_value_groups` times (`repeat_kv`, a full copy
 of the layer's cache) whenever a multi-token forward passes an attention mask, and a token-tree forward always
 passes one. torch's CPU SDPA accepts `enable_gqa=True` with a mask and gives the same result bit for bit
-(tests/test_packed_linear.py), without the copy.
+(tests/test_fast_kernels.py), without the copy.
 
 A causal prompt forward on CPU (a prefill: no mask, or exactly the causal mask) runs in blocks of query rows
-(blocked_prefill.py); a decode step's or draft tree's few queries go to our own kernel (tree_attention.py).
+(blocked_prefill.py); a decode step's or draft tree's 1-16 queries go to our own kernel where it builds
+(tree_attention.py; fp32 only, float or bool masks).
 
 Registered with transformers' AttentionInterface under `GQA_SDPA`, so the model classes stay as they are;
 anything these paths do not cover (position biases, softcapping, attention weights, non-CPU tensors, a single
-query, any other unmasked forward) goes to transformers' own sdpa function unchanged.
+query the tree kernel does not take, any other unmasked forward) goes to transformers' own sdpa function unchanged.
 """
 
 from __future__ import annotations
