@@ -1,9 +1,10 @@
 """Compile one of our C++ kernels (hsd_rag/kernels/csrc) once per machine with torch's C++ extension loader.
 
-Why one place: every kernel needs the same things — a build named after its source and the torch version (a new
-source or torch gets its own build in torch's extensions directory, `$TORCH_EXTENSIONS_DIR`, default
-~/.cache/torch_extensions), ninja found even in a venv that is not activated, and a failed build (no compiler)
-that leaves the stock path in place with one log line saying how to get the fast one.
+Why one place: every kernel needs the same things — a build named after its source, the headers beside it and
+the torch version (a new source or torch gets its own build in torch's extensions directory,
+`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), ninja found even in a venv that is not activated,
+and a failed build (no compiler) that leaves the stock path in place with one log line saying how to get the fast
+one.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def build(name: str, source: Path, flags: list[str], what: str, fallback: str):
     """The compiled module of `source`, or None (logged: `what` could not be built, `fallback` is used instead)."""
     from torch.utils import cpp_extension
 
-    tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    tag = hashlib.sha256(source.read_bytes() + headers + torch.__version__.encode()).hexdigest()[:12]
     _add_pip_ninja_to_path()
     try:
         return cpp_extension.load(name=f"{name}_{tag}", sources=[str(source)], extra_cflags=["-O3", *flags],
