@@ -96,8 +96,7 @@ def _between_steps(decoder, cache, prompt: list[int]) -> None:
     """A target forward of a small tree, untimed: in decoding the head drafts right after one, which has streamed
     the target's weights through the caches and evicted the head's (timed back to back, the head ran from warm
     caches and its asks measured ~half of what they cost in a decode loop on a 2-core EPYC)."""
-    _time_forward(decoder, cache, prompt[-1], CATCH_UP_PAIRS, len(prompt) - 1)
-    _wait(decoder.model)
+    _time_forward(decoder, cache, prompt[-1], CATCH_UP_PAIRS, len(prompt) - 1)  # waits for the device itself
 
 
 def _time_eagle(decoder, prompt: list[int], repeats: int) -> dict[str, float] | None:
