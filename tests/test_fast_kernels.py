@@ -30,13 +30,18 @@ from hsd_rag.kernels import (
 from hsd_rag.kernels import packed_linear as packed_module
 from hsd_rag.kernels.int8_linear import int8_linear_count
 from hsd_rag.kernels.panel_gemm import panel_gemm_applies
+from hsd_rag.kernels.prefill_attention import extension as prefill_attention_kernel
 from hsd_rag.kernels.tree_attention import extension as tree_attention_kernel
 from tests.tiny_models import IdTokenizer, tiny_model
 
 # The names an fp32 model's packed linears report: the panel GEMM joins them where it applies (AVX2 / AVX-512).
 PACKED = ["packed-linear", *(["panel-gemm"] if panel_gemm_applies(torch.float32) else [])]
 # ... and its grouped-query attention: our few-query kernel joins it where it builds
-ATTENTION = ["gqa-sdpa", *(["tree-attention"] if tree_attention_kernel() is not None else [])]
+ATTENTION = [
+    "gqa-sdpa",
+    *(["prefill-attention"] if prefill_attention_kernel() is not None else []),
+    *(["tree-attention"] if tree_attention_kernel() is not None else []),
+]
 
 pytestmark = pytest.mark.skipif(not packed_module.onednn_linear_available(), reason="torch built without oneDNN")
 
@@ -216,7 +221,7 @@ def test_load_target_can_keep_the_stock_kernels(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_gqa_attention_gives_the_same_tree_logits_bit_for_bit(arch, monkeypatch):
     """Broadcasting KV heads in the kernel instead of copying them changes no number (tree forward, mask on); our
-    few-query kernel (tree_attention.py) only rounds differently."""
+    prompt and few-query kernels (prefill_attention.py, tree_attention.py) only round differently."""
     from hsd_rag.attention_layout import AttentionLayout
     from hsd_rag.kernels import gqa_attention, stock_kernels, use_fast_kernels
     from hsd_rag.tree import TokenTree
@@ -243,6 +248,7 @@ def test_gqa_attention_gives_the_same_tree_logits_bit_for_bit(arch, monkeypatch)
     with stock_linears():
         torch.testing.assert_close(logits(), reference, atol=1e-5, rtol=1e-5)  # the tree kernel, where it builds
         monkeypatch.setattr(gqa_attention, "tree_attention_applies", lambda *args: False)
+        monkeypatch.setattr(gqa_attention, "prefill_attention_applies", lambda *args: False)
         assert torch.equal(logits(), reference)  # SDPA with broadcast KV heads: bit for bit
 
 
@@ -342,11 +348,16 @@ def test_blocked_causal_prefill_equals_one_causal_call(length, heads):
     torch.testing.assert_close(out, reference.transpose(1, 2), atol=1e-6, rtol=1e-5)
 
 
-def test_a_long_prompt_prefills_in_blocks_and_decoding_stays_lossless(monkeypatch):
-    """A prompt longer than one block takes the blocked path (counted), the logits match stock attention up to
-    rounding, and the decoder's greedy output equals `generate` on the same model."""
-    from hsd_rag.kernels import blocked_prefill, gqa_attention
+@pytest.mark.parametrize("path", ["prefill_attention", "blocked_causal_attention"])
+def test_a_long_prompt_prefills_on_the_prompt_path_and_decoding_stays_lossless(monkeypatch, path):
+    """A long prompt takes the prompt kernel where it builds, else SDPA in query blocks (each path counted), the
+    logits match stock attention up to rounding, and the decoder's greedy output equals `generate`."""
+    from hsd_rag.kernels import gqa_attention, prefill_attention
 
+    if path == "prefill_attention" and prefill_attention.extension() is None:
+        pytest.skip("the prompt kernel needs an AVX2 / AVX-512 CPU and a compiler")
+    if path == "blocked_causal_attention":
+        monkeypatch.setattr(gqa_attention, "prefill_attention_applies", lambda *a: False)
     model = tiny_model("llama")
     prompt = [int(t) for t in torch.randint(2, 90, (150,), generator=torch.Generator().manual_seed(1))]
     ids = torch.tensor([prompt])
@@ -354,8 +365,8 @@ def test_a_long_prompt_prefills_in_blocks_and_decoding_stays_lossless(monkeypatc
         stock = model(ids).logits
     use_fast_kernels(model)
     calls = []
-    original = blocked_prefill.blocked_causal_attention
-    monkeypatch.setattr(gqa_attention, "blocked_causal_attention", lambda *a: calls.append(1) or original(*a))
+    original = getattr(gqa_attention, path)
+    monkeypatch.setattr(gqa_attention, path, lambda *a: calls.append(1) or original(*a))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, stock, atol=1e-4, rtol=1e-4)
         assert len(calls) == model.config.num_hidden_layers

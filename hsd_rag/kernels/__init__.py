@@ -4,9 +4,9 @@
 panels for our skinny GEMM on AVX2 / AVX-512 CPUs, panel_gemm.py; oneDNN's layout elsewhere and for large
 multiplies), multiplies sibling projections that read the same input as one matrix (fused_projections.py),
 computes its RMSNorm layers in one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads
-instead of copying them, a prompt's causal attention running in blocks of query rows and a decode step's few
-queries on our own kernel (gqa_attention.py, blocked_prefill.py, tree_attention.py); `load_target` does this by
-default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
+instead of copying them, a prompt's causal attention and a decode step's few queries running on our own kernels
+(gqa_attention.py, prefill_attention.py, tree_attention.py; SDPA in blocks of query rows where the prompt kernel
+does not build, blocked_prefill.py); `load_target` does this by default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from hsd_rag.kernels.packed_linear import (
     unpack_linears,
 )
 from hsd_rag.kernels.panel_gemm import panel_gemm_applies
+from hsd_rag.kernels.prefill_attention import extension as _prefill_attention_kernel
 from hsd_rag.kernels.rms_norm import fuse_rms_norms, fused_rms_norm_count, unfuse_rms_norms
 from hsd_rag.kernels.tree_attention import extension as _tree_attention_kernel
 
@@ -49,6 +50,8 @@ def use_fast_kernels(model) -> list[str]:
         names.append("fused-rms-norm")
     if use_gqa_attention(model):
         names.append("gqa-sdpa")
+        if _prefill_attention_kernel() is not None:
+            names.append("prefill-attention")
         if _tree_attention_kernel() is not None:
             names.append("tree-attention")
     return names
@@ -67,6 +70,8 @@ def fast_kernel_names(model) -> list[str]:
         names.append("fused-rms-norm")
     if getattr(model.config, "_attn_implementation", None) == GQA_SDPA:
         names.append("gqa-sdpa")
+        if _prefill_attention_kernel() is not None:
+            names.append("prefill-attention")
         if _tree_attention_kernel() is not None:
             names.append("tree-attention")
     return names

@@ -36,6 +36,8 @@ def is_offset_causal_mask(mask: torch.Tensor, queries: int, keys: int) -> bool:
     """Whether `mask` ([1, 1, queries, keys] bool) lets query i see exactly keys 0 .. keys - queries + i."""
     if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, queries, keys):
         return False
+    if not bool(mask[0, 0, -1].all()):  # a draft tree's last node does not see its siblings: rejected in O(keys)
+        return False
     return torch.equal(mask[0, 0], _causal_rows(keys - queries, keys, mask.device))
 
 

@@ -5,9 +5,10 @@ of the layer's cache) whenever a multi-token forward passes an attention mask, a
 passes one. torch's CPU SDPA accepts `enable_gqa=True` with a mask and gives the same result bit for bit
 (tests/test_fast_kernels.py), without the copy.
 
-A causal prompt forward on CPU (a prefill: no mask, or exactly the causal mask) runs in blocks of query rows
-(blocked_prefill.py); a decode step's or draft tree's 1-16 queries go to our own kernel where it builds
-(tree_attention.py; fp32 only, float or bool masks).
+A causal prompt forward on CPU (a prefill: no mask, or exactly the causal mask) goes to our prefill kernel where it
+builds (prefill_attention.py; fp32, more than 16 queries), else to SDPA in blocks of query rows (blocked_prefill.py);
+a decode step's or draft tree's 1-16 queries go to our tree kernel where it builds (tree_attention.py; fp32 only,
+float or bool masks).
 
 Registered with transformers' AttentionInterface under `GQA_SDPA`, so the model classes stay as they are;
 anything these paths do not cover (position biases, softcapping, attention weights, non-CPU tensors, a single
@@ -19,7 +20,8 @@ from __future__ import annotations
 from torch.nn import functional as F
 
 from hsd_rag.kernels.blocked_prefill import PREFILL_BLOCK, blocked_causal_attention, is_offset_causal_mask
-from hsd_rag.kernels.tree_attention import tree_attention, tree_attention_applies
+from hsd_rag.kernels.prefill_attention import prefill_attention, prefill_attention_applies
+from hsd_rag.kernels.tree_attention import MAX_QUERIES, tree_attention, tree_attention_applies
 
 GQA_SDPA = "hsd_rag_gqa_sdpa"
 
@@ -29,8 +31,11 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """transformers' attention-function signature; query [b, h, q, d], key/value [b, kv_heads, k, d]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if _blocked_prefill_applies(module, query, key, attention_mask, dropout, is_causal, kwargs):
-        return blocked_causal_attention(query, key, value, scaling), None
+    if _causal_prompt(module, query, key, attention_mask, dropout, is_causal, kwargs):
+        if prefill_attention_applies(query, key, value):
+            return prefill_attention(query, key, value, scaling), None
+        if query.shape[2] > PREFILL_BLOCK:
+            return blocked_causal_attention(query, key, value, scaling), None
     if tree_attention_applies(query, key, value, attention_mask, dropout, kwargs):
         return tree_attention(query, key, value, attention_mask, scaling), None
     if (
@@ -49,12 +54,12 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out.transpose(1, 2).contiguous(), None
 
 
-def _blocked_prefill_applies(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
-    """A causal prompt forward on CPU long enough to gain from query blocks (blocked_prefill.py): unmasked and
-    causal as transformers' sdpa function decides `is_causal`, or masked by exactly the causal mask."""
+def _causal_prompt(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
+    """A causal prompt forward on CPU of more queries than the tree kernel takes: unmasked and causal as
+    transformers' sdpa function decides `is_causal`, or masked by exactly the causal mask."""
     queries, keys = query.shape[2], key.shape[2]
     if (
-        queries <= PREFILL_BLOCK
+        queries <= MAX_QUERIES
         or dropout
         or query.device.type != "cpu"
         or kwargs.get("position_bias") is not None
