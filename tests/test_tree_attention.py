@@ -1,5 +1,6 @@
 """The few-query attention kernel (hsd_rag/kernels/tree_attention.py): SDPA's result up to float rounding for
-every mask kind, head grouping and cache layout it accepts, and the calls it must leave to SDPA."""
+every mask kind, head grouping and cache layout it accepts, in both vector-width builds this CPU can run, and the
+calls it must leave to SDPA."""
 
 from __future__ import annotations
 
@@ -11,9 +12,24 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from hsd_rag.kernels import tree_attention as kernel
 from hsd_rag.kernels.tree_attention import MAX_QUERIES, extension, tree_attention, tree_attention_applies
 
 needs_kernel = pytest.mark.skipif(extension() is None, reason="the kernel needs an AVX2 / AVX-512 CPU and a compiler")
+# the AVX2 build also runs on an AVX-512 CPU: test both where both run
+BUILDS_HERE = ["AVX2", "AVX512"] if kernel._cpu_capability() == "AVX512" else [kernel._cpu_capability()]
+
+
+@pytest.fixture(params=BUILDS_HERE)
+def build(request, monkeypatch):
+    """The kernel module of one build (the module's own cached choice is left alone)."""
+    if request.param not in kernel.VECTOR_BUILDS:
+        pytest.skip(f"no build for {request.param}")
+    monkeypatch.setattr(kernel, "_cpu_capability", lambda: request.param)
+    ext = kernel.extension.__wrapped__()
+    if ext is None:
+        pytest.skip("the kernel could not be built here")
+    return ext
 
 
 def _reference(q, k, v, mask, scale):
@@ -37,9 +53,9 @@ def _tree_mask(n: int, length: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 2)])
 @pytest.mark.parametrize("queries", [1, 2, 5, 8, 16])
 @pytest.mark.parametrize("cached", [0, 7, 8, 100, 513])
-@pytest.mark.parametrize("head_dim", [8, 64, 128])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
 @pytest.mark.parametrize("mask_kind", ["float", "min", "bool"])
-def test_matches_sdpa(heads, kv_heads, queries, cached, head_dim, mask_kind):
+def test_matches_sdpa(build, heads, kv_heads, queries, cached, head_dim, mask_kind):
     torch.manual_seed(heads * 1000 + queries * 100 + cached + head_dim)
     length = cached + queries
     q = torch.randn(1, heads, queries, head_dim)
@@ -52,7 +68,7 @@ def test_matches_sdpa(heads, kv_heads, queries, cached, head_dim, mask_kind):
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, blocked)
     scale = head_dim**-0.5
     assert tree_attention_applies(q, k, v, mask, 0.0, {})
-    torch.testing.assert_close(tree_attention(q, k, v, mask, scale), _reference(q, k, v, mask, scale),
+    torch.testing.assert_close(build.tree_attention(q, k, v, mask, scale), _reference(q, k, v, mask, scale),
                                atol=2e-6, rtol=1e-5)
 
 
@@ -83,7 +99,7 @@ def test_calls_it_does_not_cover_stay_on_sdpa():
     assert not tree_attention_applies(q, k, v, mask, 0.0, {"s_aux": torch.zeros(4)})  # attention sinks
     assert not tree_attention_applies(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16(), 0.0, {})
     assert not tree_attention_applies(torch.randn(1, 4, 3, 60), torch.randn(1, 2, 10, 60),
-                                      torch.randn(1, 2, 10, 60), mask, 0.0, {})  # head size not a multiple of 8
+                                      torch.randn(1, 2, 10, 60), mask, 0.0, {})  # not a multiple of 8 / 16
     assert not tree_attention_applies(q, k, v, mask.half(), 0.0, {})
 
 

@@ -19,6 +19,12 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
+# The attention kernels are written once with vector extensions (csrc/vec.h) and built per CPU capability (torch's
+# dispatch level): its flags and floats per vector.
+VECTOR_BUILDS = {
+    "AVX2": (["-mavx2", "-mfma", "-DHSD_VEC_BYTES=32"], 8),
+    "AVX512": (["-mavx512f", "-mavx2", "-mfma", "-DHSD_VEC_BYTES=64"], 16),
+}
 
 
 def _add_pip_ninja_to_path() -> None:
@@ -49,3 +55,9 @@ def build(name: str, source: Path, flags: list[str], what: str, fallback: str):
             "decoding on this CPU.", what, str(exc).splitlines()[0][:200], fallback,
         )
         return None
+
+
+def build_vectorized(name: str, source: Path, capability: str, what: str, fallback: str):
+    """`build` of a vec.h kernel for `capability` (a VECTOR_BUILDS key); a * b + c compiled as one FMA."""
+    flags, _ = VECTOR_BUILDS[capability]
+    return build(f"{name}_{capability.lower()}", source, [*flags, "-ffp-contract=fast"], what, fallback)

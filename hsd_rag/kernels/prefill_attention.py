@@ -20,13 +20,8 @@ from functools import cache
 import torch
 
 from hsd_rag.kernels import cpp_build
-from hsd_rag.kernels.cpp_build import CSRC
+from hsd_rag.kernels.cpp_build import CSRC, VECTOR_BUILDS
 
-# Per CPU capability: the build's name, its compiler flags, and its vector width in floats (head sizes it takes).
-BUILDS = {
-    "AVX2": ("hsd_rag_prefill_attention_avx2", ["-mavx2", "-mfma", "-DHSD_VEC_BYTES=32"], 8),
-    "AVX512": ("hsd_rag_prefill_attention_avx512", ["-mavx512f", "-mavx2", "-mfma", "-DHSD_VEC_BYTES=64"], 16),
-}
 DISABLE_ENV = "HSD_RAG_PREFILL_ATTENTION"
 
 
@@ -37,23 +32,21 @@ def _cpu_capability() -> str:
 @cache
 def extension():
     """The compiled module (function `prefill_attention`), or None where it cannot apply or build."""
-    build = BUILDS.get(_cpu_capability())
-    if os.environ.get(DISABLE_ENV, "1") == "0" or build is None:
+    capability = _cpu_capability()
+    if os.environ.get(DISABLE_ENV, "1") == "0" or capability not in VECTOR_BUILDS:
         return None
-    name, flags, _ = build
-    # the sources are plain vector arithmetic: let the compiler fuse a * b + c into one FMA
-    return cpp_build.build(name, CSRC / "prefill_attention.cpp", [*flags, "-ffp-contract=fast"],
-                           "The prefill attention kernel", "prompt attention uses torch's SDPA")
+    return cpp_build.build_vectorized("hsd_rag_prefill_attention", CSRC / "prefill_attention.cpp", capability,
+                                      "The prefill attention kernel", "prompt attention uses torch's SDPA")
 
 
 def prefill_attention_applies(query, key, value) -> bool:
     """Whether the kernel takes this causal prompt forward (fp32 on CPU, head size a multiple of its width)."""
-    build = BUILDS.get(_cpu_capability())
+    build = VECTOR_BUILDS.get(_cpu_capability())
     if (
         build is None
         or query.device.type != "cpu"
         or not query.dtype == key.dtype == value.dtype == torch.float32
-        or query.shape[-1] % build[2]
+        or query.shape[-1] % build[1]
         or query.stride(-1) != 1
         or key.stride(-1) != 1
         or value.stride(-1) != 1

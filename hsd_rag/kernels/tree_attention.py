@@ -2,13 +2,15 @@
 
 Why: torch's CPU flash-attention kernel is made for long query blocks; for the 1-16 queries of a decode step or a
 draft tree it spends most of its time on setup (SmolLM2-135M, 500 cached tokens, one thread on a 2-core EPYC:
-137 us per layer for one query, 287 us for eight, 12-18 % of the forward). This kernel scores each query row
-against the keys 8 at a time, softmaxes with a vectorised exp and multiplies into V, grouped-query aware, in a
-fraction of that. Results differ from SDPA's only by float rounding (another order of the same sums).
+137 us per layer for one query, 287 us for eight, 12-18 % of the forward). This kernel scores all query rows that
+share a KV head together (their queries transposed, each key element broadcast into a vector of rows), softmaxes
+down the keys a vector of rows at a time and multiplies into V with the output tile in registers. Results differ
+from SDPA's only by float rounding (another order of the same sums).
 
 `gqa_attention.py` sends it the forwards it covers (CPU, fp32, at most MAX_QUERIES queries, a float or bool mask,
-head size a multiple of 8 up to 256, no dropout / softcapping / sinks); everything else keeps SDPA. Built like the
-panel GEMM (cpp_build.py) on AVX2 / AVX-512 CPUs; `HSD_RAG_TREE_ATTENTION=0` turns it off.
+head size a multiple of the vector width (8 floats with AVX2, 16 with AVX-512), no dropout / softcapping / sinks);
+everything else keeps SDPA. Built like the other kernels (cpp_build.py), one build per vector width;
+`HSD_RAG_TREE_ATTENTION=0` turns it off.
 """
 
 from __future__ import annotations
@@ -19,29 +21,35 @@ from functools import cache
 import torch
 
 from hsd_rag.kernels import cpp_build
-from hsd_rag.kernels.cpp_build import CSRC
+from hsd_rag.kernels.cpp_build import CSRC, VECTOR_BUILDS
 
-MAX_QUERIES = 16  # a decode step or a draft tree; longer query blocks (prompts) keep torch's flash kernel
+MAX_QUERIES = 16  # a decode step or a draft tree; longer causal query blocks are prompts (prefill_attention.py)
 DISABLE_ENV = "HSD_RAG_TREE_ATTENTION"
+
+
+def _cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @cache
 def extension():
     """The compiled module (function `tree_attention`), or None where it cannot apply or build."""
-    if os.environ.get(DISABLE_ENV, "1") == "0" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    capability = _cpu_capability()
+    if os.environ.get(DISABLE_ENV, "1") == "0" or capability not in VECTOR_BUILDS:
         return None
-    return cpp_build.build("hsd_rag_tree_attention", CSRC / "tree_attention.cpp", ["-mavx2", "-mfma"],
-                           "The tree attention kernel", "attention uses torch's SDPA")
+    return cpp_build.build_vectorized("hsd_rag_tree_attention", CSRC / "tree_attention.cpp", capability,
+                                      "The tree attention kernel", "attention uses torch's SDPA")
 
 
 def tree_attention_applies(query, key, value, attention_mask, dropout, kwargs) -> bool:
     """Whether this attention call is one the kernel covers (see the module docstring)."""
+    build = VECTOR_BUILDS.get(_cpu_capability())
     n, d = query.shape[2], query.shape[3]
     if (
-        n > MAX_QUERIES
+        build is None
+        or n > MAX_QUERIES
         or dropout
-        or d % 8
-        or d > 256
+        or d % build[1]
         or query.device.type != "cpu"
         or not query.dtype == key.dtype == value.dtype == torch.float32
         or key.stride(-1) != 1

@@ -10,67 +10,25 @@
 // Semantics: out[b, i, h, :] = softmax_l(scale * q[b, h, i] . k[b, h / group, l]) @ v[b, h / group] over
 // l <= past + i, past = L - n (the keys an earlier request left in the cache come first); [b, n, h, d] out.
 //
-// Written with GCC vector extensions, compiled once per vector width: HSD_VEC_BYTES 64 (AVX-512) or 32 (AVX2).
+// Written with GCC vector extensions (vec.h), compiled once per vector width: HSD_VEC_BYTES 64 (AVX-512) or 32
+// (AVX2).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <vector>
 
-#ifndef HSD_VEC_BYTES
-#define HSD_VEC_BYTES 32
-#endif
+#include "vec.h"
 
 namespace {
 
-constexpr int W = HSD_VEC_BYTES / 4;       // floats per vector
+using namespace hsd;
+
 constexpr int KT = 2 * W;                  // keys per packed tile
 constexpr int R = W == 16 ? 12 : 6;        // query rows per block: R x 2 score vectors stay in registers
-constexpr int RV = W == 16 ? 6 : 2;        // rows per P @ V tile (with CV vectors of columns each)
+constexpr int RV = W == 16 ? 6 : 2;        // rows per P @ V tile (up to 4 vectors of columns each)
 static_assert(R % RV == 0, "P @ V tiles split a query block evenly");
-
-typedef float vec __attribute__((vector_size(HSD_VEC_BYTES)));
-typedef int ivec __attribute__((vector_size(HSD_VEC_BYTES)));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-inline vec splat(float x) { return vec{} + x; }
-
-// exp(x), W lanes: 2^n * p(r), r = x - n ln2, degree-6 polynomial (Cephes expf), ~1 ulp over the range softmax uses
-// (x <= 0; below -87 it returns ~1e-38 instead of less, invisible next to the row's max term, exp(0) = 1).
-inline vec exp_vec(vec x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  x = x > 88.0f ? splat(88.0f) : x;
-  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  vec r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + (r + 1.0f);
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  return p * (vec)bits;  // a vector cast reinterprets the bits: 2^n
-}
-
-inline float lanes_max(vec v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
-  return m;
-}
-inline float lanes_sum(vec v) {
-  float s = 0.0f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
 
 // keys [L, d] (row stride) -> tiles [ceil(L / KT)][d][KT], zero past L.
 void pack_keys(const float* k, int64_t k_stride, int64_t L, int64_t d, float* tiles) {
@@ -101,59 +59,6 @@ void block_scores(const float* q, int64_t d, const float* tiles, int64_t n_tiles
       store(s + r * s_stride + t * KT + W, acc[r][1]);
     }
   }
-}
-
-// Row r of the block sees keys [0, limit): s[0, limit) -> exp(s - max), s[limit, padded) -> 0; returns 1 / sum.
-float softmax_row(float* s, int64_t limit, int64_t padded) {
-  const int64_t full = limit / W * W;
-  float m = -std::numeric_limits<float>::infinity();
-  if (full) {
-    vec vm = load(s);
-    for (int64_t j = W; j < full; j += W) vm = vm > load(s + j) ? vm : load(s + j);
-    m = lanes_max(vm);
-  }
-  for (int64_t j = full; j < limit; ++j) m = std::max(m, s[j]);
-  const vec vmax = splat(m);
-  vec vsum{};
-  for (int64_t j = 0; j < full; j += W) {
-    const vec p = exp_vec(load(s + j) - vmax);
-    store(s + j, p);
-    vsum += p;
-  }
-  if (full < limit) {  // the partial vector: keys past the limit get exactly 0
-    vec p = exp_vec(load(s + full) - vmax);
-    for (int i = static_cast<int>(limit - full); i < W; ++i) p[i] = 0.0f;
-    store(s + full, p);
-    vsum += p;
-  }
-  const int64_t zero_from = (limit + W - 1) / W * W;
-  std::fill(s + zero_from, s + padded, 0.0f);
-  return 1.0f / lanes_sum(vsum);
-}
-
-// out rows [RV][cols from c0, CV vectors] = inv[r] * sum_j p[r][j] v[j] over keys [0, keys).
-template <int CV>
-void weighted_tile(const float* p, int64_t p_stride, const float* v, int64_t v_stride, int64_t keys, int64_t c0,
-                   const float* inv, float* const* out) {
-  vec acc[RV][CV] = {};
-  const float* vr = v + c0;
-  for (int64_t j = 0; j < keys; ++j, vr += v_stride) {
-    vec vv[CV];
-    for (int c = 0; c < CV; ++c) vv[c] = load(vr + c * W);
-    for (int r = 0; r < RV; ++r) {
-      const vec pb = splat(p[r * p_stride + j]);
-      for (int c = 0; c < CV; ++c) acc[r][c] += pb * vv[c];
-    }
-  }
-  for (int r = 0; r < RV; ++r)
-    if (out[r])
-      for (int c = 0; c < CV; ++c) store(out[r] + c0 + c * W, acc[r][c] * inv[r]);
-}
-
-template <int CV>
-void weighted_rows(const float* p, int64_t p_stride, const float* v, int64_t v_stride, int64_t keys, int64_t d,
-                   const float* inv, float* const* out) {
-  for (int64_t c0 = 0; c0 < d; c0 += CV * W) weighted_tile<CV>(p, p_stride, v, v_stride, keys, c0, inv, out);
 }
 
 }  // namespace
@@ -205,15 +110,8 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
         rows_out[r] = r < rows ? op + ((b * n + i0 + r) * H + h) * d : nullptr;
       }
       const float* vp = v.data_ptr<float>() + b * v.stride(0) + (h / group) * v.stride(1);
-      for (int r0 = 0; r0 < R; r0 += RV) {
-        const float* p = s.data() + r0 * padded;
-        if (d % (4 * W) == 0)
-          weighted_rows<4>(p, padded, vp, v.stride(2), keys, d, inv + r0, rows_out + r0);
-        else if (d % (2 * W) == 0)
-          weighted_rows<2>(p, padded, vp, v.stride(2), keys, d, inv + r0, rows_out + r0);
-        else
-          weighted_rows<1>(p, padded, vp, v.stride(2), keys, d, inv + r0, rows_out + r0);
-      }
+      for (int r0 = 0; r0 < R; r0 += RV)
+        weighted_rows<RV>(s.data() + r0 * padded, padded, 1, vp, v.stride(2), keys, d, inv + r0, rows_out + r0);
     }
   });
   return out;
