@@ -31,8 +31,9 @@ using namespace hsd;
 constexpr int MAX_ROW_VECTORS = W == 16 ? 4 : 3;  // rows scored at once = this many vectors (registers allow)
 constexpr int RT = W == 16 ? 6 : 2;               // rows per P @ V tile (up to 4 vectors of columns each)
 // Rows per KV head below which each row is scored alone: a vector of rows would be mostly empty lanes (measured,
-// one SmolLM2 layer, 9 query / 3 KV heads, 500 keys: 1 query 21 us alone vs 34 together, 2 queries 41 vs 36).
-constexpr int64_t MIN_ROWS_TOGETHER = 6;
+// one SmolLM2 layer, 9 query / 3 KV heads, 500 keys, AVX-512 build: 1 query 21 us alone vs 34 together, 2 queries
+// 41 vs 36; the AVX2 build breaks even at 6 queries, 18 rows, and gains from 8 on: 155 vs 137 us).
+constexpr int64_t MIN_ROWS_TOGETHER = W == 16 ? 6 : 16;
 
 // ---- each row alone ----------------------------------------------------------------------------------------------
 

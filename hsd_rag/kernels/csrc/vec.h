@@ -112,11 +112,15 @@ inline void weighted_tile(const float* p, int64_t row_stride, int64_t key_stride
       for (int c = 0; c < CV; ++c) store(out[r] + c0 + c * W, acc[r][c] * inv[r]);
 }
 
-// weighted_tile over all d columns (d a multiple of W), in the widest column tiles d allows.
+// weighted_tile over all d columns (d a multiple of W), in the widest column tiles d and the registers allow
+// (RT x CV accumulators: up to 8 vectors of columns for one or two rows, else 4).
 template <int RT>
 inline void weighted_rows(const float* p, int64_t row_stride, int64_t key_stride, const float* v, int64_t v_stride,
                           int64_t keys, int64_t d, const float* inv, float* const* out) {
-  if (d % (4 * W) == 0) {
+  if (RT <= 2 && d % (8 * W) == 0) {
+    for (int64_t c0 = 0; c0 < d; c0 += 8 * W)
+      weighted_tile<RT, 8>(p, row_stride, key_stride, v, v_stride, keys, c0, inv, out);
+  } else if (d % (4 * W) == 0) {
     for (int64_t c0 = 0; c0 < d; c0 += 4 * W)
       weighted_tile<RT, 4>(p, row_stride, key_stride, v, v_stride, keys, c0, inv, out);
   } else if (d % (2 * W) == 0) {
