@@ -102,6 +102,27 @@ class TokenTree:
             eff[i] = min(eff[i], eff[self.parents[i]])
         return eff
 
+    def exclusive_children(self) -> TokenTree:
+        """Scores with each node's children competing for one acceptance: the target takes exactly one token after
+        an accepted node, so the children's conditional estimates (score / parent's score) may sum to at most 1.
+        Taken best first, each child keeps its estimate up to what its better siblings left. Merged sources need
+        this: an n-gram child at 0.9 and a head child at 0.4 under one parent cannot both be that likely.
+        Returns a new tree with the same nodes; scores only go down, so they stay monotone along every path."""
+        eff = self.effective_scores()
+        eff[0] = 1.0
+        capped = [1.0] * len(self)
+        for node in range(len(self)):
+            left = 1.0
+            conditional = [(eff[kid] / eff[node] if eff[node] > 0 else 0.0, kid) for kid in self._kids[node]]
+            for estimate, kid in sorted(conditional, key=lambda pair: (-pair[0], pair[1])):
+                share = min(estimate, left)
+                left -= share
+                capped[kid] = capped[node] * share
+        out = TokenTree.root(self.tokens[0])
+        for i in range(1, len(self)):
+            out.add(self.parents[i], self.tokens[i], capped[i], self.sources[i])
+        return out
+
     def truncate(self, budget: int) -> TokenTree:
         """Keep the `budget` best drafts and all their ancestors (a subtree), re-indexed in topological order.
 

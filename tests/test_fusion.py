@@ -112,10 +112,10 @@ def test_budget_ancestors_duplicates_and_labels():
     ngram.add_path([1, 2, 3], [0.8, 0.7, 0.6], SOURCE_NGRAM)
     eagle = TokenTree.root(ROOT)
     eagle.add_path([1, 2, 4], [0.9, 0.5, 0.4], SOURCE_EAGLE)
-    eagle.add_path([5], [0.3], SOURCE_EAGLE)
+    eagle.add_path([5], [0.05], SOURCE_EAGLE)
     fused = fuse_adaptive([ngram, eagle], 4)
     assert fused.num_drafts == 4
-    assert fused.tokens == [0, 1, 2, 3, 4]  # the shared prefix 1-2 counted once; 5 (0.3) drops out
+    assert fused.tokens == [0, 1, 2, 3, 4]  # the shared prefix 1-2 counted once; 5 (0.05) drops out
     assert source_names(fused.sources[1]) == ["ngram", "eagle"]
     assert source_names(fused.sources[2]) == ["ngram", "eagle"]
     assert source_names(fused.sources[3]) == ["ngram"]
@@ -139,3 +139,18 @@ def test_hybrid_drafter_passes_calls_to_every_source():
     hybrid = HybridDrafter([a, b])
     hybrid.propose(ctx(8))
     assert a.budgets == [8] and b.budgets == [8]
+
+
+def test_siblings_from_two_sources_compete_for_one_acceptance():
+    """A confident n-gram child leaves little room for the head's sibling: its score is capped to what is left,
+    so the budget goes to the n-gram chain's next token instead."""
+    ngram = TokenTree.root(ROOT)
+    ngram.add_path([1, 2], [0.9, 0.8], SOURCE_NGRAM)
+    eagle = TokenTree.root(ROOT)
+    eagle.add_path([3], [0.5], SOURCE_EAGLE)  # beside the n-gram's 1 (0.9): capped to 0.1
+    eagle.add_path([1, 4], [0.9, 0.6], SOURCE_EAGLE)  # beside the n-gram's 2 (0.8 / 0.9 = 0.89): 0.9 x 0.11 = 0.1
+    fused = fuse_adaptive([ngram, eagle], 3)
+    scores = dict(zip(fused.tokens, fused.scores, strict=True))
+    assert sorted(fused.tokens) == [0, 1, 2, 3]  # raw scores would have kept 4 (0.6); capped, the tie goes shallower
+    assert abs(scores[3] - 0.1) < 1e-9  # the head's root child keeps only what the n-gram's 0.9 left
+    assert abs(sum(fused.scores[n] for n in fused.children(0)) - 1.0) < 1e-9

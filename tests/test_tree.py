@@ -63,3 +63,20 @@ def test_mask_positions_and_paths():
     assert visible[3, 4:].tolist() == [True, False, False, True]
     assert t.position_ids(4).tolist() == [[4, 5, 6, 5]]
     assert sorted(t.paths()) == [[0, 1, 2], [0, 3]]
+
+
+def test_exclusive_children_cap_siblings_best_first_and_keep_the_nodes():
+    tree = TokenTree.root(0)
+    a = tree.add(0, 1, 0.7, SOURCE_NGRAM)
+    b = tree.add(0, 2, 0.6, SOURCE_EAGLE)  # 0.7 + 0.6 > 1: capped to 0.3
+    c = tree.add(b, 3, 0.3, SOURCE_EAGLE)  # conditional 0.5 of its parent, kept as a share of the capped parent
+    d = tree.add(a, 4, 0.35, SOURCE_NGRAM)  # conditional 0.5, alone: unchanged
+    capped = tree.exclusive_children()
+    assert capped.tokens == tree.tokens and capped.parents == tree.parents and capped.sources == tree.sources
+    assert capped.scores[a] == 0.7 and abs(capped.scores[b] - 0.3) < 1e-12
+    assert abs(capped.scores[c] - 0.15) < 1e-12 and abs(capped.scores[d] - 0.35) < 1e-12
+    assert tree.scores[b] == 0.6  # the original is left alone
+    calibrated = TokenTree.root(0)
+    calibrated.add_path([1, 2], [0.5, 0.25], SOURCE_NGRAM)
+    calibrated.add(0, 3, 0.4, SOURCE_EAGLE)  # 0.5 + 0.4 <= 1: nothing to cap
+    assert calibrated.exclusive_children().scores == calibrated.scores

@@ -6,7 +6,8 @@ multiplies), multiplies sibling projections that read the same input as one matr
 computes its RMSNorm layers in one pass (rms_norm.py) and lets its grouped-query attention broadcast KV heads
 instead of copying them, a prompt's causal attention and a decode step's few queries running on our own kernels
 (gqa_attention.py, prefill_attention.py, tree_attention.py; SDPA in blocks of query rows where the prompt kernel
-does not build, blocked_prefill.py); `load_target` does this by default. `stock_kernels(model)` runs a block on transformers' own kernels (e.g. a benchmark's HF baseline).
+does not build, blocked_prefill.py); `load_target` does this by default. `stock_kernels(model)` runs a block on
+transformers' own kernels (e.g. a benchmark's HF baseline).
 """
 
 from __future__ import annotations
