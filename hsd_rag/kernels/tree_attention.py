@@ -2,10 +2,11 @@
 
 Why: torch's CPU flash-attention kernel is made for long query blocks; for the 1-16 queries of a decode step or a
 draft tree it spends most of its time on setup (SmolLM2-135M, 500 cached tokens, one thread on a 2-core EPYC:
-137 us per layer for one query, 287 us for eight, 12-18 % of the forward). This kernel scores all query rows that
-share a KV head together (their queries transposed, each key element broadcast into a vector of rows), softmaxes
-down the keys a vector of rows at a time and multiplies into V with the output tile in registers. Results differ
-from SDPA's only by float rounding (another order of the same sums).
+137 us per layer for one query, 287 us for eight, 12-18 % of the forward). This kernel scores a plain decode
+step's few query rows one at a time (8 keys' dot products summed in one register) and a draft tree's rows that
+share a KV head together (their queries transposed, each key element broadcast into a vector of rows, the softmax
+run down the keys a vector of rows at a time), then multiplies into V with the output tile in registers. Results
+differ from SDPA's only by float rounding (another order of the same sums).
 
 `gqa_attention.py` sends it the forwards it covers (CPU, fp32, at most MAX_QUERIES queries, a float or bool mask,
 head size a multiple of the vector width (8 floats with AVX2, 16 with AVX-512), no dropout / softcapping / sinks);
