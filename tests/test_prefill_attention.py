@@ -13,23 +13,11 @@ import torch
 from torch.nn import functional as F
 
 from hsd_rag.kernels import prefill_attention as kernel
+from tests.kernel_builds import build_fixture
 
 needs_kernel = pytest.mark.skipif(kernel.extension() is None,
                                   reason="the kernel needs an AVX2 / AVX-512 CPU and a compiler")
-# the AVX2 build also runs on an AVX-512 CPU: test both where both run
-BUILDS_HERE = ["AVX2", "AVX512"] if kernel._cpu_capability() == "AVX512" else [kernel._cpu_capability()]
-
-
-@pytest.fixture(params=BUILDS_HERE)
-def build(request, monkeypatch):
-    """The kernel module of one build (the module's own cached choice is left alone)."""
-    if request.param not in kernel.VECTOR_BUILDS:
-        pytest.skip(f"no build for {request.param}")
-    monkeypatch.setattr(kernel, "_cpu_capability", lambda: request.param)
-    ext = kernel.extension.__wrapped__()
-    if ext is None:
-        pytest.skip("the kernel could not be built here")
-    return ext
+build = build_fixture(kernel)
 
 
 def _reference(q, k, v, scale):

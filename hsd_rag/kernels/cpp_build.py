@@ -57,7 +57,16 @@ def build(name: str, source: Path, flags: list[str], what: str, fallback: str):
         return None
 
 
-def build_vectorized(name: str, source: Path, capability: str, what: str, fallback: str):
-    """`build` of a vec.h kernel for `capability` (a VECTOR_BUILDS key); a * b + c compiled as one FMA."""
+def build_vectorized(name: str, source: Path, capability: str, disable_env: str, what: str, fallback: str):
+    """`build` of a vec.h kernel for `capability` (torch's CPU dispatch level), a * b + c compiled as one FMA;
+    None where the capability has no build (no AVX2) or `disable_env` is set to 0."""
+    if os.environ.get(disable_env, "1") == "0" or capability not in VECTOR_BUILDS:
+        return None
     flags, _ = VECTOR_BUILDS[capability]
     return build(f"{name}_{capability.lower()}", source, [*flags, "-ffp-contract=fast"], what, fallback)
+
+
+def vector_width(capability: str) -> int | None:
+    """Floats per vector of the vec.h build for `capability`; None: no build."""
+    build_spec = VECTOR_BUILDS.get(capability)
+    return None if build_spec is None else build_spec[1]

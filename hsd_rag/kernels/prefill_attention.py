@@ -14,13 +14,12 @@ turns it off.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
 
 from hsd_rag.kernels import cpp_build
-from hsd_rag.kernels.cpp_build import CSRC, VECTOR_BUILDS
+from hsd_rag.kernels.cpp_build import CSRC
 
 DISABLE_ENV = "HSD_RAG_PREFILL_ATTENTION"
 
@@ -32,21 +31,20 @@ def _cpu_capability() -> str:
 @cache
 def extension():
     """The compiled module (function `prefill_attention`), or None where it cannot apply or build."""
-    capability = _cpu_capability()
-    if os.environ.get(DISABLE_ENV, "1") == "0" or capability not in VECTOR_BUILDS:
-        return None
-    return cpp_build.build_vectorized("hsd_rag_prefill_attention", CSRC / "prefill_attention.cpp", capability,
-                                      "The prefill attention kernel", "prompt attention uses torch's SDPA")
+    return cpp_build.build_vectorized(
+        "hsd_rag_prefill_attention", CSRC / "prefill_attention.cpp", _cpu_capability(), DISABLE_ENV,
+        "The prefill attention kernel", "prompt attention uses torch's SDPA",
+    )
 
 
 def prefill_attention_applies(query, key, value) -> bool:
     """Whether the kernel takes this causal prompt forward (fp32 on CPU, head size a multiple of its width)."""
-    build = VECTOR_BUILDS.get(_cpu_capability())
+    width = cpp_build.vector_width(_cpu_capability())
     if (
-        build is None
+        width is None
         or query.device.type != "cpu"
         or not query.dtype == key.dtype == value.dtype == torch.float32
-        or query.shape[-1] % build[1]
+        or query.shape[-1] % width
         or query.stride(-1) != 1
         or key.stride(-1) != 1
         or value.stride(-1) != 1

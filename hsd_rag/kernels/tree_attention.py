@@ -16,13 +16,12 @@ everything else keeps SDPA. Built like the other kernels (cpp_build.py), one bui
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
 
 from hsd_rag.kernels import cpp_build
-from hsd_rag.kernels.cpp_build import CSRC, VECTOR_BUILDS
+from hsd_rag.kernels.cpp_build import CSRC
 
 MAX_QUERIES = 16  # a decode step or a draft tree; longer causal query blocks are prompts (prefill_attention.py)
 DISABLE_ENV = "HSD_RAG_TREE_ATTENTION"
@@ -35,22 +34,21 @@ def _cpu_capability() -> str:
 @cache
 def extension():
     """The compiled module (function `tree_attention`), or None where it cannot apply or build."""
-    capability = _cpu_capability()
-    if os.environ.get(DISABLE_ENV, "1") == "0" or capability not in VECTOR_BUILDS:
-        return None
-    return cpp_build.build_vectorized("hsd_rag_tree_attention", CSRC / "tree_attention.cpp", capability,
-                                      "The tree attention kernel", "attention uses torch's SDPA")
+    return cpp_build.build_vectorized(
+        "hsd_rag_tree_attention", CSRC / "tree_attention.cpp", _cpu_capability(), DISABLE_ENV,
+        "The tree attention kernel", "attention uses torch's SDPA",
+    )
 
 
 def tree_attention_applies(query, key, value, attention_mask, dropout, kwargs) -> bool:
     """Whether this attention call is one the kernel covers (see the module docstring)."""
-    build = VECTOR_BUILDS.get(_cpu_capability())
+    width = cpp_build.vector_width(_cpu_capability())
     n, d = query.shape[2], query.shape[3]
     if (
-        build is None
+        width is None
         or n > MAX_QUERIES
         or dropout
-        or d % build[1]
+        or d % width
         or query.device.type != "cpu"
         or not query.dtype == key.dtype == value.dtype == torch.float32
         or key.stride(-1) != 1
