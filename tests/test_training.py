@@ -349,3 +349,32 @@ def test_warm_start_auto_names_the_shipped_head(target):
     head = Eagle3Head.from_target(target, draft_vocab_size=DRAFT_VOCAB)
     with pytest.raises(HeadCheckpointError, match="smollm2-135m-instruct-eagle3.*wrong shape"):
         warm_start(head, "auto")
+
+
+def test_copy_instructions_use_train_side_gold_passages_of_each_language():
+    """The recipe's copy prompts: per language, train-side gold passages only (never a held-out one), the
+    passage given as the prompt's document, reproducible by seed, and off unless asked for."""
+    from hsd_rag.bench.datasets import HELDOUT_FRACTION
+    from hsd_rag.data import load_builtin, split
+    from hsd_rag.training import RecipeConfig
+    from hsd_rag.training.data import COPY_TEMPLATES, copy_instructions, recipe_prompts
+
+    prompts = copy_instructions(["fr", "es"], 5, seed=1)
+    assert [c.source for c in prompts] == ["copy-fr"] * 5 + ["copy-es"] * 5
+    for lang in ("fr", "es"):
+        _, heldout = split(load_builtin(lang), HELDOUT_FRACTION)
+        heldout_gold = {e.documents[e.gold_index] for e in heldout if e.gold_index is not None}
+        for conversation in (c for c in prompts if c.source == f"copy-{lang}"):
+            (passage,) = conversation.documents
+            assert passage not in heldout_gold
+            content = conversation.messages[0]["content"]
+            assert any(content == t.format(text=passage) for t in COPY_TEMPLATES[lang])
+    assert [c.id for c in copy_instructions(["fr", "es"], 5, seed=1)] == [c.id for c in prompts]
+    assert [c.id for c in copy_instructions(["fr"], 5, seed=2)] != [c.id for c in prompts[:5]]
+    # a larger count keeps a smaller one's prompts, so their cached answers stay valid
+    assert [c.id for c in copy_instructions(["fr"], 3, seed=1)] == [c.id for c in prompts[:3]]
+    assert copy_instructions(["en"], 0) == []
+    default = RecipeConfig(languages=["en"], rag_limit=2, general_wiki=0, general_pydoc=0)
+    assert not any(c.source.startswith("copy") for c in recipe_prompts(default))
+    asked = recipe_prompts(default.model_copy(update={"copy_passages": 3}))
+    assert sum(c.source == "copy-en" for c in asked) == 3

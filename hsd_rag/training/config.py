@@ -112,6 +112,9 @@ class RecipeConfig(BaseModel):
     articles that answer held-out benchmark questions are skipped."""
     general_pydoc: int = Field(16, ge=0)
     """General instructions about Python built from `pydoc_data.topics`."""
+    copy_passages: int = Field(0, ge=0)
+    """Per language, instructions to copy a gold passage of the train side word for word (answers that are
+    mostly copying: RAG answers copy their documents, and a head learns that slowly from RAG answers alone)."""
     max_new_tokens: int = Field(128, gt=0)
     """Longest generated answer."""
     budget: int = Field(8, ge=0)

@@ -52,6 +52,22 @@ PYDOC_TEMPLATES_WITH_TEXT = (
 PYDOC_TEMPLATES_NO_TEXT = (
     "Write a short Python example that illustrates the topic `{title}` and explain what it does.",
 )
+# Instructions to copy a passage, per language: whatever the target answers is its own distribution, and most of
+# it is copying, the skill RAG answers need most from a head (they copy their documents) and learn too slowly.
+COPY_TEMPLATES = {
+    "en": (
+        "Copy the following text word for word.\n\n{text}",
+        "Quote the passage below exactly, without changing a word.\n\n{text}",
+    ),
+    "fr": (
+        "Recopie le texte suivant mot pour mot.\n\n{text}",
+        "Cite exactement le passage ci-dessous, sans changer un mot.\n\n{text}",
+    ),
+    "es": (
+        "Copia el siguiente texto palabra por palabra.\n\n{text}",
+        "Cita exactamente el pasaje siguiente, sin cambiar ninguna palabra.\n\n{text}",
+    ),
+}
 
 
 @dataclass
@@ -208,12 +224,44 @@ def pydoc_instructions(count: int, seed: int = 0) -> list[Conversation]:
     return out
 
 
+def copy_instructions(languages: Sequence[str], count: int, seed: int = 0) -> list[Conversation]:
+    """Per language, `count` instructions to copy a gold passage of the train side of the benchmark split."""
+    if count == 0:
+        return []
+    from hsd_rag.bench.datasets import HELDOUT_FRACTION
+    from hsd_rag.data import load_builtin, split
+
+    out = []
+    for lang in languages:
+        train, _ = split(load_builtin(lang), HELDOUT_FRACTION)
+        passages = sorted({
+            e.documents[e.gold_index]
+            for e in train
+            if e.gold_index is not None and MIN_PASSAGE_CHARS <= len(e.documents[e.gold_index]) <= MAX_PASSAGE_CHARS
+        })
+        rng = random.Random(f"copy:{lang}:{seed}")
+        templates = COPY_TEMPLATES[lang]
+        # templates alternate, so a larger `count` keeps the smaller one's prompts (and their cached answers)
+        for i, text in enumerate(rng.sample(passages, min(count, len(passages)))):
+            prompt = templates[i % len(templates)].format(text=text)
+            out.append(
+                Conversation(
+                    id=f"copy-{lang}-{_content_key(prompt)}",
+                    messages=[{"role": "user", "content": prompt}],
+                    documents=[text],
+                    source=f"copy-{lang}",
+                )
+            )
+    return out
+
+
 def recipe_prompts(config: RecipeConfig) -> list[Conversation]:
     """The built-in recipe's prompts (answers not generated yet)."""
     return [
         *rag_prompts(config.languages, config.rag_limit, config.n_docs),
         *wiki_instructions(config.general_wiki, config.seed),
         *pydoc_instructions(config.general_pydoc, config.seed),
+        *copy_instructions(config.languages, config.copy_passages, config.seed),
     ]
 
 
