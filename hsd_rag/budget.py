@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,32 @@ class CostProfile:
             (self.cost(k + 2) - self.cost(k + 1)) / self.cost(k + 1) for k in range(max(1, budget))
         ]
         return max(0.0, min(steps))
+
+    def entry_floor(self, sorted_scores: list[float], budget: int, extra_cost: float = 0.0) -> float:
+        """The lowest score a new draft needs to be kept by `best_num_drafts`, given the drafts already scored.
+
+        Why: under budget="auto" the budget is only a cap (64), so "beat the budget-th best" never prunes, and
+        `min_useful_score` assumes the draft could be the second node of a tree, where a CPU's marginal cost is
+        ~0; a head then drafts levels whose nodes fit_tree throws away (measured: 6 levels per ask, 6-21 ms, on
+        English RAG prompts). With R the best rate of the drafts already there (`extra_cost` in it): if a new
+        draft of score s is kept, the kept set has k >= m(s) + 1 drafts (m(s) = drafts already scored above s)
+        and its lowest score is >= R' (c(k + 1) - c(k)) with R' >= R, else dropping it would pay. So s must be
+        >= R * min_{k > m(s)} (c(k + 1) - c(k)); the right side falls as s rises, so one number bounds it.
+        """
+        scores = list(sorted_scores[:budget])
+        rate = self.best_rate(scores, budget, extra_cost)[1]
+        # cheapest marginal cost of the k-th draft over k = m + 1 .. budget (a suffix minimum: c need not be convex)
+        marginal = [self.cost(k + 1) - self.cost(k) for k in range(1, max(1, budget) + 1)]
+        for k in range(len(marginal) - 2, -1, -1):
+            marginal[k] = min(marginal[k], marginal[k + 1])
+        floor = math.inf
+        for m in range(min(len(scores), len(marginal) - 1) + 1):  # m drafts already above the new one
+            highest = scores[m - 1] if m else 1.0
+            lowest = scores[m] if m < len(scores) else 0.0
+            needed = max(lowest, rate * marginal[m])
+            if needed <= highest:
+                floor = min(floor, needed)
+        return 1.0 if floor == math.inf else max(0.0, floor)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

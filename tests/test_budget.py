@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from hsd_rag.budget import CostProfile, fit_tree
@@ -10,6 +10,8 @@ from hsd_rag.tree import SOURCE_NGRAM, TokenTree
 
 CPU = CostProfile(tokens=[1, 8, 16], relative_cost=[1.0, 1.5, 1.8])
 FREE = CostProfile(tokens=[1, 64], relative_cost=[1.0, 1.0])
+# measured by `hsd-rag tune` on the 2-core CI box (SmolLM2-135M, one thread)
+MEASURED = CostProfile(tokens=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64], relative_cost=[1.0, 1.02, 1.11, 1.29, 1.6, 2.01, 2.95, 3.54, 4.69, 5.89])
 
 
 def test_cost_interpolates_and_extrapolates():
@@ -52,6 +54,38 @@ def test_no_kept_draft_scores_below_the_min_useful_score(scores, budget, profile
     scores = sorted(scores, reverse=True)
     kept = profile.best_num_drafts(scores, budget)
     assert all(s >= profile.min_useful_score(budget) for s in scores[:kept])
+
+
+@given(
+    scores=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=40),
+    new=st.floats(0.0, 1.0),
+    budget=st.integers(1, 64),
+    extra=st.sampled_from([0.0, 0.2]),
+    profile=st.sampled_from([CPU, FREE, MEASURED, CostProfile.default_for("cpu"), CostProfile.default_for("cuda")]),
+)
+def test_a_draft_below_the_entry_floor_is_never_kept(scores, new, budget, extra, profile):
+    """Drafters may skip a draft scoring below `entry_floor(the drafts already scored)`: added to them, it is
+    never among the drafts `best_num_drafts` keeps."""
+    scores = sorted(scores, reverse=True)
+    assume(new not in scores)  # a tie could be kept in its twin's place
+    if new >= profile.entry_floor(scores, budget, extra):
+        return
+    merged = sorted([*scores, new], reverse=True)
+    assert new not in merged[: profile.best_num_drafts(merged, budget)]
+
+
+def test_the_entry_floor_prunes_what_the_budget_cap_and_min_useful_score_cannot():
+    """With a 64 cap and a CPU's near-free second draft those two bounds are ~0.01; after a good n-gram match
+    only a fairly likely draft can still pay for its share of the bigger forward."""
+    free_tree = [0.9, 0.8, 0.6, 0.5, 0.3]
+    assert MEASURED.min_useful_score(64) < 0.03
+    floor = MEASURED.entry_floor(free_tree, 64)
+    assert 0.1 < floor < 0.3
+    for draft, kept in ((floor - 0.001, False), (floor + 0.001, True)):  # the floor is tight for one more draft
+        merged = sorted([*free_tree, draft], reverse=True)
+        assert (draft in merged[: MEASURED.best_num_drafts(merged, 64)]) is kept
+    assert MEASURED.entry_floor([], 64) < MEASURED.entry_floor(free_tree, 64)  # nothing drafted: easier to enter
+    assert FREE.entry_floor(free_tree, 64) == 0.0  # free verification: everything pays
 
 
 def test_min_useful_score_is_zero_when_verification_is_free():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from hsd_rag.budget import CostProfile, fit_tree
 from hsd_rag.drafters.base import DraftContext, Drafter, StepOutcome
 from hsd_rag.drafters.eagle import EagleDrafter
 from hsd_rag.drafters.eagle_calibration import RawHeadScores
@@ -341,6 +342,34 @@ def test_early_exit_keeps_the_same_tree_with_fewer_head_levels(target):
         floored.propose(DraftContext(list(harness.tokens), len(PROMPT), 64, min_score=0.5))
         assert floored.levels_drafted < depth
         floored.close()
+
+
+@pytest.mark.parametrize("costs", [[1.0, 1.02, 1.11, 1.29, 2.01, 3.54, 5.89], [1.0, 1.0, 1.0, 1.01, 1.02, 1.05, 1.1]])
+def test_auto_budget_early_exit_keeps_the_same_fitted_tree(target, costs):
+    """Under budget="auto" the budget is only a cap (64): the early exit uses the entry floor of the candidates
+    drafted so far (CostProfile.entry_floor), and the tree fit_tree keeps is the one full drafting gives."""
+    profile = CostProfile(tokens=[1, 2, 4, 8, 16, 32, 64], relative_cost=costs)
+    head = make_head(target, "eagle3", seed=2)
+    depth, top_k, steps = 6, 4, 6
+
+    def run(early_exit: bool):
+        drafter = EagleDrafter(target, head, depth=depth, top_k=top_k, early_exit=early_exit)
+        harness, trees = Harness(target, drafter, PROMPT), []
+        for _ in range(steps):
+            context = DraftContext(list(harness.tokens), len(PROMPT), 64, 0.0, profile, True)
+            trees.append(fit_tree(drafter.propose(context), profile, 64))
+            harness.step(trees[-1])
+        drafter.close()
+        return trees, drafter.levels_drafted
+
+    with torch.inference_mode():
+        (full_trees, full_levels), (early_trees, early_levels) = run(False), run(True)
+    for full, early in zip(full_trees, early_trees, strict=True):
+        assert full.tokens == early.tokens and full.parents == early.parents
+    assert full_levels == steps * depth
+    assert sum(tree.num_drafts for tree in early_trees) > steps  # the fitted trees are not trivially empty
+    if costs[1] > costs[0]:  # a CPU-like profile: deep, unlikely levels are never drafted
+        assert early_levels < full_levels
 
 
 # ---- calibrated scores ---------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ How it follows the decode loop (docs/ARCHITECTURE.md):
   P(accepted | parent accepted) for its (depth, head probability) bucket, learned during the request from priors
   shipped with the head, so fusion can rank EAGLE and n-gram nodes on one scale.
 - Early exit (CPU): a level is drafted only if its best frontier node could still enter the kept tree, i.e.
-  beats both the `budget`-th best candidate so far and `context.min_score` (path scores only fall with depth,
-  so no deeper node can do better). The check reads one number back per level; that is free on a CPU, where
+  beats `context.min_score` and either the `budget`-th best candidate so far or, under budget="auto", the
+  entry floor of the candidates so far (`_EntryFloor`; path scores only fall with depth, so no deeper node can
+  do better). The check reads the scores back once per level; that is free on a CPU, where
   each head level costs a real share of a step, but would stall a GPU's queue, so there it is off by default.
 - `observe` takes the verified tree's features from the hooks and queues (feature of accepted node i, next
   accepted token) pairs, the last one pairing with the bonus token, and records which of its verified drafts
@@ -121,7 +122,8 @@ class EagleDrafter:
             return tree  # a one-token prompt: no target feature yet
         top_k = min(self.top_k, budget, self.head.draft_vocab_size)
         depth = min(self.depth, budget)
-        tokens, parents, scores, buckets = self._expand(top_k, depth, budget, context.min_score)
+        floor = _EntryFloor(context, self.name)
+        tokens, parents, scores, buckets = self._expand(top_k, depth, budget, floor)
         return self._assemble(tree, tokens, parents, scores, buckets, budget)
 
     @torch.inference_mode()
@@ -224,7 +226,7 @@ class EagleDrafter:
 
     # ---- drafting ----------------------------------------------------------------------------------------
 
-    def _expand(self, top_k: int, depth: int, budget: int, min_score: float = 0.0):
+    def _expand(self, top_k: int, depth: int, budget: int, floor: _EntryFloor):
         """Candidates of all levels (target ids, parent candidate index, calibrated log path score, calibration
         bucket), on device."""
         head, cache, calibrator = self.head, self._cache, self.calibrator
@@ -244,11 +246,10 @@ class EagleDrafter:
         all_parents = [torch.full((top_k,), NO_PARENT, device=device)]
         visible = eye  # [K, drafted entries] which draft cache entries each frontier node may attend to
         offset = top_k
-        floor = math.log(min_score) if min_score > 0 else -math.inf
         self.levels_drafted += 1
         try:
             for level in range(1, depth):
-                if self.early_exit and self._cannot_improve(frontier_scores, all_scores, budget, floor):
+                if self.early_exit and floor.cannot_improve(frontier_scores, all_scores, budget, level):
                     break
                 self.levels_drafted += 1
                 positions = torch.full((1, top_k), self._skipped + stable + level - 1, device=device)
@@ -275,18 +276,6 @@ class EagleDrafter:
             cache.crop(stable)  # drop every draft-only entry
         return torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores), torch.cat(all_buckets)
 
-    @staticmethod
-    def _cannot_improve(frontier_scores, all_scores, budget: int, floor: float) -> bool:
-        """True when no descendant of the frontier can enter the `budget` best or clear the score floor."""
-        best = float(frontier_scores[0])  # topk sorts: the best frontier node comes first
-        if best < floor:
-            return True
-        scores = torch.cat(all_scores)
-        if scores.numel() < budget:
-            return False
-        # ties go to the earlier (shallower) candidate in `_assemble`'s stable sort, hence <=
-        return best <= float(scores.topk(budget).values[-1])
-
     def _assemble(self, tree: TokenTree, tokens, parents, scores, buckets, budget: int) -> TokenTree:
         """Keep the `budget` best candidates and build the TokenTree (the one host sync of a step).
 
@@ -308,3 +297,33 @@ class EagleDrafter:
             path_of[int(cand)] = path
             self._proposed[path] = int(bucket)
         return tree
+
+
+class _EntryFloor:
+    """Whether any descendant of the frontier could still be kept: the early-exit test of `_expand`.
+
+    Path scores only fall with depth, so once the best frontier node could not enter the tree no deeper node
+    can. A node must clear the caller's floor (`context.min_score`, e.g. the free sources' entry floor in a
+    hybrid) and rank among the `budget` best candidates; under budget="auto" also the entry floor of the
+    candidates drafted so far (`CostProfile.entry_floor`: the budget is only a cap there, so ranking alone never
+    prunes and a CPU would pay for levels that fit_tree drops).
+    """
+
+    def __init__(self, context: DraftContext, source: str):
+        self.min_score = context.min_score
+        self.profile = context.profile if context.auto_budget else None
+        self.source = source
+
+    def cannot_improve(self, frontier_scores, all_scores, budget: int, levels: int) -> bool:
+        best = math.exp(float(frontier_scores[0]))  # topk sorts: the best frontier node comes first
+        if best < self.min_score:
+            return True
+        scores = torch.cat(all_scores)
+        if self.profile is not None:
+            drafted = sorted(scores.exp().tolist(), reverse=True)
+            cost = self.profile.draft_cost(self.source, levels)
+            return best < self.profile.entry_floor(drafted, budget, cost)
+        if scores.numel() < budget:
+            return False
+        # ties go to the earlier (shallower) candidate in `_assemble`'s stable sort, hence <=
+        return best <= math.exp(float(scores.topk(budget).values[-1]))

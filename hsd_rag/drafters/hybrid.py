@@ -81,7 +81,8 @@ class AdaptiveFusion:
                 continue
             counts[0] += 1
             levels_before = getattr(drafter, "levels_drafted", 0)
-            floor = free_scores[context.budget - 1] if len(free_scores) >= context.budget > 0 else 0.0
+            # a draft that could not displace the free sources' nodes from the auto-sized tree is never drafted
+            floor = profile.entry_floor(free_scores, context.budget, profile.draft_cost(drafter.name, 1))
             tree = drafter.propose(replace(context, min_score=max(context.min_score, floor)))
             levels = getattr(drafter, "levels_drafted", 1) - levels_before
             trees.append(tree)
