@@ -10,6 +10,7 @@ import torch
 from hsd_rag.drafters.answer_history import AnswerHistory, longest_suffix_match
 from hsd_rag.drafters.base import DraftContext, StepOutcome
 from hsd_rag.drafters.ngram import NgramDrafter
+from hsd_rag.drafters.ngram_calibration import LENGTH_BUCKETS, SHARE_BUCKETS, NgramCalibrator
 from hsd_rag.tree import SOURCE_HISTORY, SOURCE_NGRAM
 from tests.tiny_models import IdTokenizer, tiny_model
 
@@ -56,6 +57,16 @@ def test_drafter_copies_an_earlier_answer_and_calibrates_it_on_its_own():
     drafter.observe(StepOutcome(tree, accepted, [52, 53, 60]))
     assert drafter.history_calibrator.observations == 3  # 52, 53 accepted; 54 rejected
     assert drafter.calibrator.observations == 0
+    # the next request starts from what this one learned of earlier answers (its own n-gram calibration afresh)
+    learned = [drafter.history_calibrator.estimate(b) for b in range(len(SHARE_BUCKETS) * len(LENGTH_BUCKETS))]
+    drafter.close()
+    following = NgramDrafter(history=history)
+    following.start([1, 2, 3, 50, 51], [])
+    assert following.history_calibrator.observations == 3 and following.calibrator.observations == 0
+    assert [following.history_calibrator.estimate(b) for b in range(len(learned))] == learned
+    assert learned != [NgramCalibrator().estimate(b) for b in range(len(learned))]
+    history.clear()  # forgetting the answers forgets what they were worth too
+    assert history.calibrator.observations == 0
     # without the history the same drafter has nothing to copy
     plain = NgramDrafter()
     plain.start([1, 2, 3, 50, 51], [])
@@ -138,3 +149,20 @@ def test_concurrent_adds_and_queries_do_not_break_the_index():
 @pytest.fixture(scope="module")
 def tiny_llama():
     return tiny_model("llama", seed=3)
+
+
+def test_a_shared_calibrator_remembers_a_bounded_number_of_outcomes():
+    """Past `memory` outcomes per bucket older ones fade, so a change of workload shows within a few requests."""
+    calibrator, keep_all = NgramCalibrator(memory=8), NgramCalibrator()
+    bucket = calibrator.bucket(2, 1.0)
+    for _ in range(100):
+        calibrator.record(bucket, False)
+        keep_all.record(bucket, False)
+    assert calibrator.observations == 8 and keep_all.observations == 100
+    for _ in range(8):
+        calibrator.record(bucket, True)
+        keep_all.record(bucket, True)
+    assert calibrator.estimate(bucket) > 0.5 > 0.2 > keep_all.estimate(bucket)
+    with pytest.raises(ValueError, match="memory"):
+        NgramCalibrator(memory=0)
+

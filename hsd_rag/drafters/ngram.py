@@ -7,7 +7,7 @@ online-calibrated acceptance probability so the tree can be truncated (or fused 
 
 Earlier answers (answer_history.py), when the decoder keeps them, are a second index: the longest suffix of the
 stream found there adds its continuations too, labelled SOURCE_HISTORY and calibrated on their own, so the report
-can tell what they bring.
+can tell what they bring; their calibration is learned across the history's requests (AnswerHistory.calibrator).
 
 Stream invariant: the stream indexed for a request is exactly `DraftContext.token_ids` at every step. `start`
 indexes the whole prompt (its last token is the first pending root) and `observe` appends
@@ -108,7 +108,8 @@ class NgramDrafter:
         automaton.recount()  # exact counts now, so proposals never trigger the bulk pass
         self.automaton = automaton
         self.calibrator = self.calibrator_factory()
-        self.history_calibrator = self.calibrator_factory()
+        # drafts from earlier answers: calibrated across the history's requests (AnswerHistory.calibrator)
+        self.history_calibrator = self.history.calibrator if self.history is not None else None
         self._stream_length = len(prompt_ids)
         self._stream_tail = int(prompt_ids[-1])
 
@@ -212,7 +213,8 @@ class NgramDrafter:
             if self._proposed:
                 record_outcomes(outcome, SOURCE_NGRAM, self._proposed, calibrator.record)
             if self._proposed_history:
-                record_outcomes(outcome, SOURCE_HISTORY, self._proposed_history, self.history_calibrator.record)
+                with self.history.lock:  # other requests of the decoder share this calibrator
+                    record_outcomes(outcome, SOURCE_HISTORY, self._proposed_history, self.history_calibrator.record)
         self._proposed, self._proposed_history = {}, {}
         new_tokens = [int(token) for token in outcome.new_tokens]
         automaton.extend(self._stream, new_tokens)

@@ -38,9 +38,14 @@ class NgramCalibrator:
         max_accept: float = MAX_ACCEPT,
         half_length: float = HALF_LENGTH,
         prior_strength: float = PRIOR_STRENGTH,
+        memory: float | None = None,
     ):
+        """`memory`: at most this many observed outcomes count per bucket, older ones fading in proportion
+        (for a calibrator that outlives one request, e.g. AnswerHistory's); None keeps them all."""
         if not 0.0 < max_accept < 1.0:
             raise ValueError(f"max_accept must be in (0, 1), got {max_accept}")
+        if memory is not None and memory <= 0:
+            raise ValueError(f"memory must be positive or None, got {memory}")
         if half_length <= 0 or prior_strength <= 0:
             raise ValueError("half_length and prior_strength must be positive")
         if list(length_buckets) != sorted(length_buckets) or length_buckets[0] < 1:
@@ -59,8 +64,9 @@ class NgramCalibrator:
                 mean = max_accept * ((low + high) / 2) ** SHARE_POWER * length / (length + half_length)
                 self._prior_accept.append(mean * prior_strength)
                 self._prior_reject.append((1.0 - mean) * prior_strength)
-        self._accepted = [0] * len(self._prior_accept)  # observed accepts per bucket
-        self._rejected = [0] * len(self._prior_accept)  # observed rejects per bucket
+        self.memory = memory
+        self._accepted = [0.0] * len(self._prior_accept)  # observed accepts per bucket (faded past `memory`)
+        self._rejected = [0.0] * len(self._prior_accept)  # observed rejects per bucket
 
     def bucket(self, match_length: int, share: float) -> int:
         """Flat bucket index of a continuation after a `match_length`-token context with frequency `share`."""
@@ -78,8 +84,12 @@ class NgramCalibrator:
             self._accepted[bucket] += 1
         else:
             self._rejected[bucket] += 1
+        total = self._accepted[bucket] + self._rejected[bucket]
+        if self.memory is not None and total > self.memory:
+            self._accepted[bucket] *= self.memory / total
+            self._rejected[bucket] *= self.memory / total
 
     @property
-    def observations(self) -> int:
-        """Outcomes recorded so far (all buckets)."""
+    def observations(self) -> float:
+        """Outcomes that count so far (all buckets; a whole number unless `memory` faded some)."""
         return sum(self._accepted) + sum(self._rejected)
