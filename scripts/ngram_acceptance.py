@@ -4,6 +4,9 @@ The table it prints is what the n-gram calibrator's prior (hsd_rag/drafters/ngra
 train-side RAG prompts only (never the benchmark's held-out ones), greedy, the default target.
 
     python scripts/ngram_acceptance.py --per-language 20 --budget 24
+
+`--source history` measures the drafts copied from earlier answers instead (the answer-history calibrator's
+prior, hsd_rag/drafters/answer_history.py): each language's prompts run in order with one shared history.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from hsd_rag import HybridSpecDecoder
 from hsd_rag.bench.datasets import HELDOUT_FRACTION
 from hsd_rag.data import format_messages, load_builtin, split
+from hsd_rag.drafters.answer_history import AnswerHistory, history_calibrator
 from hsd_rag.drafters.ngram import NgramDrafter
 from hsd_rag.drafters.ngram_calibration import LENGTH_BUCKETS, SHARE_BUCKETS, NgramCalibrator
 
@@ -36,18 +40,23 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=24)
     parser.add_argument("--languages", default="en,fr,es")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--source", choices=("ngram", "history"), default="ngram")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dec = HybridSpecDecoder.from_pretrained(head=None)
-    # this decoder's "ngram" method counts every decided draft per bucket
-    dec.drafter_factories = {**dec.drafter_factories,
-                             "ngram": lambda d, cfg: NgramDrafter(calibrator_factory=CountingCalibrator)}
+    history = args.source == "history"
+    if not history:  # this decoder's "ngram" method counts every decided draft of the request's own index
+        dec.drafter_factories = {**dec.drafter_factories,
+                                 "ngram": lambda d, cfg: NgramDrafter(calibrator_factory=CountingCalibrator)}
+    prior = history_calibrator() if history else NgramCalibrator()
     for lang in args.languages.split(","):
+        if history:  # a fresh history per language; its shared calibrator counts every decided history draft
+            dec.answer_history = AnswerHistory()
+            dec.answer_history.calibrator = CountingCalibrator(memory=prior.memory)
         train, _ = split(load_builtin(lang), HELDOUT_FRACTION)
         for example in train[-args.per_language :]:
             dec.generate(format_messages(example), documents=list(example.documents), method="ngram",
-                         budget=args.budget, max_new_tokens=96, answer_history=False)
-    prior = NgramCalibrator()
+                         budget=args.budget, max_new_tokens=96, answer_history=history)
     n_share = len(SHARE_BUCKETS)
     print("observed acceptance / prior mean (verified drafts) per match length (rows) x frequency share (columns)")
     print("| length | " + " | ".join(f"share >= {s}" for s in SHARE_BUCKETS) + " |")
