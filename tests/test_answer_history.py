@@ -146,10 +146,6 @@ def test_concurrent_adds_and_queries_do_not_break_the_index():
     assert not errors and len(history) <= 8 and history.num_tokens <= 200
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    return tiny_model("llama", seed=3)
-
 
 def test_a_shared_calibrator_remembers_a_bounded_number_of_outcomes():
     """Past `memory` outcomes per bucket older ones fade, so a change of workload shows within a few requests."""
@@ -166,3 +162,7 @@ def test_a_shared_calibrator_remembers_a_bounded_number_of_outcomes():
     with pytest.raises(ValueError, match="memory"):
         NgramCalibrator(memory=0)
 
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return tiny_model("llama", seed=3)

@@ -316,20 +316,26 @@ def test_close_removes_hooks_and_protocol_misuse_is_explained(target):
         unsynced.close()
 
 
+def drafted_steps(target, head, depth: int, top_k: int, steps: int, early_exit: bool, draft):
+    """`steps` greedy steps of one drafter, each verifying `draft(harness)`: (the trees, head levels drafted).
+    One drafter at a time: two would hook the same target."""
+    drafter = EagleDrafter(target, head, depth=depth, top_k=top_k, early_exit=early_exit)
+    harness, trees = Harness(target, drafter, PROMPT), []
+    for _ in range(steps):
+        trees.append(draft(harness))
+        harness.step(trees[-1])
+    drafter.close()
+    return trees, drafter.levels_drafted
+
+
 def test_early_exit_keeps_the_same_tree_with_fewer_head_levels(target):
     """Stopping once no frontier node can enter the kept `budget` changes nothing but the work done; a score
     floor (`DraftContext.min_score`) prunes further."""
     head = make_head(target, "eagle3", seed=2)
     budget, depth, top_k, steps = 4, 6, 4, 6
 
-    def run(early_exit: bool):  # one drafter at a time: both would hook the same target
-        drafter = EagleDrafter(target, head, depth=depth, top_k=top_k, early_exit=early_exit)
-        harness, trees = Harness(target, drafter, PROMPT), []
-        for _ in range(steps):
-            trees.append(harness.propose(budget))
-            harness.step(trees[-1])
-        drafter.close()
-        return trees, drafter.levels_drafted
+    def run(early_exit: bool):
+        return drafted_steps(target, head, depth, top_k, steps, early_exit, lambda harness: harness.propose(budget))
 
     with torch.inference_mode():
         (full_trees, full_levels), (early_trees, early_levels) = run(False), run(True)
@@ -352,15 +358,12 @@ def test_auto_budget_early_exit_keeps_the_same_fitted_tree(target, costs):
     head = make_head(target, "eagle3", seed=2)
     depth, top_k, steps = 6, 4, 6
 
+    def auto_tree(harness):
+        context = DraftContext(list(harness.tokens), len(PROMPT), 64, 0.0, profile, True)
+        return fit_tree(harness.drafter.propose(context), profile, 64)
+
     def run(early_exit: bool):
-        drafter = EagleDrafter(target, head, depth=depth, top_k=top_k, early_exit=early_exit)
-        harness, trees = Harness(target, drafter, PROMPT), []
-        for _ in range(steps):
-            context = DraftContext(list(harness.tokens), len(PROMPT), 64, 0.0, profile, True)
-            trees.append(fit_tree(drafter.propose(context), profile, 64))
-            harness.step(trees[-1])
-        drafter.close()
-        return trees, drafter.levels_drafted
+        return drafted_steps(target, head, depth, top_k, steps, early_exit, auto_tree)
 
     with torch.inference_mode():
         (full_trees, full_levels), (early_trees, early_levels) = run(False), run(True)
