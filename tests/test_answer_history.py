@@ -146,7 +146,6 @@ def test_concurrent_adds_and_queries_do_not_break_the_index():
     assert not errors and len(history) <= 8 and history.num_tokens <= 200
 
 
-
 def test_a_shared_calibrator_remembers_a_bounded_number_of_outcomes():
     """Past `memory` outcomes per bucket older ones fade, so a change of workload shows within a few requests."""
     calibrator, keep_all = NgramCalibrator(memory=8), NgramCalibrator()
