@@ -344,6 +344,20 @@ def test_eval_head_cli_parses_and_refuses_no_head(capsys):
     assert "pass --head" in capsys.readouterr().err
 
 
+def test_eval_head_judges_every_benchmark_prompt_and_none_the_priors_use():
+    """By default a head is judged on all the held-out prompts benchmarks draw from, and on none of the prompts its
+    acceptance priors are measured on (those start right after them)."""
+    from hsd_rag.cli import build_parser
+    from hsd_rag.training.evaluate import PRIORS_OFFSET, heldout_rag_conversations
+
+    limit = build_parser().parse_args(["eval-head"]).limit
+    assert limit == PRIORS_OFFSET == 50
+    for lang in ("en", "fr", "es"):
+        judged = {c.id for c in heldout_rag_conversations(limit, lang)}
+        priors = {c.id for c in heldout_rag_conversations(20, lang, offset=PRIORS_OFFSET)}
+        assert len(judged) == limit and len(priors) == 20 and not judged & priors
+
+
 def test_warm_start_auto_names_the_shipped_head(target):
     """ "auto" resolves to the head this package ships (for SmolLM2, so a tiny target is refused, naming it)."""
     head = Eagle3Head.from_target(target, draft_vocab_size=DRAFT_VOCAB)

@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-from hsd_rag.training.config import RecipeConfig, TrainConfig
+from hsd_rag.training.config import JUDGED_HELDOUT_PROMPTS, RecipeConfig, TrainConfig
 
 RECIPE_PREFIX = "recipe_"  # recipe flags are spelled --recipe-<field> to keep the two configs apart
 
@@ -83,7 +83,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="hub id, local dir or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--head", default="auto", help="head dir or hub id ('auto' = the head shipped for the target)")
     p.add_argument("--lang", default="en", choices=["en", "fr", "es"], help="built-in held-out prompt set")
-    p.add_argument("--limit", type=int, default=12, help="number of held-out prompts")
+    p.add_argument(
+        "--limit", type=int, default=JUDGED_HELDOUT_PROMPTS,
+        help="number of held-out prompts (default: all those benchmarks draw from, which no training recipe and no "
+             "acceptance prior uses; fewer judge a head on a small, noisy sample)",
+    )
     p.add_argument("--budget", type=int, default=16, help="draft budget (tree size) of the EAGLE decoding")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--method", default="eagle", help="decoding method whose τ is measured")

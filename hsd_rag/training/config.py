@@ -7,6 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Held-out prompts per language that benchmarks and `hsd-rag eval-head` judge with (the first ones of the
+# held-out split); acceptance priors are measured on the prompts after them, and no training recipe uses either.
+JUDGED_HELDOUT_PROMPTS = 50
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 

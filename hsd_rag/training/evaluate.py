@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from hsd_rag.heads.acceptance_priors import AcceptancePriors
 from hsd_rag.training.batches import collate
+from hsd_rag.training.config import JUDGED_HELDOUT_PROMPTS
 from hsd_rag.training.data import Conversation, encode
 from hsd_rag.training.features import compute_sample, fit_length
 from hsd_rag.training.loss import DepthStats, ttt_loss
@@ -48,7 +49,7 @@ class TauReport:
         ]
 
 
-PRIORS_OFFSET = 50  # priors are measured on held-out prompts from here on: benchmarks use the first ones
+PRIORS_OFFSET = JUDGED_HELDOUT_PROMPTS  # priors are measured on held-out prompts from here on
 
 
 def heldout_rag_conversations(limit: int | None = None, lang: str = "en", offset: int = 0) -> list[Conversation]:
