@@ -37,6 +37,7 @@ def _cmd_bench(args) -> int:
     from contextlib import ExitStack
 
     from hsd_rag.bench.datasets import load_cases, load_warmup_case
+    from hsd_rag.bench.paired_ratio import default_vs_bars_table
     from hsd_rag.bench.peer_report import engines_table, headline
     from hsd_rag.bench.peers import PeerPool, describe, parse_peers, sigterm_as_exit
     from hsd_rag.bench.report import markdown_table, summarize, total_mismatches, write_report
@@ -86,6 +87,7 @@ def _cmd_bench(args) -> int:
     if peer_line:
         print(headline(summaries, dec.default_method))
         print(engines_table(summaries))
+    print(default_vs_bars_table(records, dec.default_method))
     bad = total_mismatches(summaries)
     if args.temperature == 0:
         print(f"greedy outputs differing from HF generate: {bad}" + ("  <-- LOSSLESSNESS VIOLATED" if bad else ""))

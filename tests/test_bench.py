@@ -184,6 +184,8 @@ def test_report_writes_jsonl_markdown_and_pngs(tiny_records, tmp_path):
     text = path.read_text()
     assert "tiny run" in text and "| tiny | 0 | ngram | auto |" in text and "≥1" in text
     assert "Greedy outputs differing from HF generate: 0 of 8 compared" in text
+    # the default (ngram at auto) against the bars this run had: ngram at 4 is the only other single source
+    assert "| tiny | 0 | best single source (ngram, budget 4) |" in text and "| tiny | 0 | HF generate |" in text
     back = read_jsonl(out / RECORDS_FILE)
     assert [dataclasses.asdict(r) for r in back] == [dataclasses.asdict(r) for r in tiny_records]
     for name in PLOTS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hsd_rag.bench.paired_ratio import default_vs_bars_table
 from hsd_rag.bench.peer_report import engines_table, headline
 from hsd_rag.bench.reliability import reliability_table
 from hsd_rag.bench.runner import BenchRecord
@@ -185,6 +186,9 @@ def write_report(
     if engines:
         title = "## Engines side by side (each over its own plain decode)"
         text += [title, "", headline(summaries, decoder_default), engines]
+    bars = default_vs_bars_table(records, decoder_default)
+    if bars:
+        text += ["## Our default against each bar, paired over prompts", "", bars]
     for title, table in (
         ("Who proposed the generated tokens", source_share_table(summaries)),
         ("Acceptance by depth (share of forwards accepting ≥ d drafts)", depth_table(summaries)),
