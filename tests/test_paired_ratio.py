@@ -32,6 +32,14 @@ def test_one_slow_prompt_widens_the_interval_around_the_point():
     assert paired_ratio(ours, theirs) == paired  # a fixed seed: the same report every time
 
 
+def test_a_resample_of_empty_answers_is_left_out_of_the_interval():
+    ours = [run("a", "hybrid", "auto", 1.0), run("eos", "hybrid", "auto", 0.1, tokens=0)]
+    theirs = [run("a", "ngram", "auto", 2.0), run("eos", "ngram", "auto", 0.1, tokens=0)]
+    paired = paired_ratio(ours, theirs)
+    assert paired.ratio == pytest.approx(2.1 / 1.1)
+    assert 1.0 < paired.low <= paired.high < 3.0  # finite: resamples holding only "eos" have no ratio
+
+
 def test_nothing_shared_gives_none():
     assert paired_ratio([run("a", "hybrid", "auto", 1.0)], [run("b", "ngram", "auto", 1.0)]) is None
     assert paired_ratio([run("a", "hybrid", "auto", 0.0)], [run("a", "ngram", "auto", 1.0)]) is None

@@ -55,9 +55,11 @@ def paired_ratio(
     if math.isnan(point):
         return None
     rng = random.Random(seed)
-    boot = sorted(_ratio([rng.choice(pairs) for _ in pairs]) for _ in range(resamples))
-    tail = (1 - confidence) / 2
-    low, high = boot[round(tail * (resamples - 1))], boot[round((1 - tail) * (resamples - 1))]
+    # a resample of only empty answers (an immediate end of sequence) has no ratio: it is left out
+    resampled = (_ratio([rng.choice(pairs) for _ in pairs]) for _ in range(resamples))
+    boot = sorted(r for r in resampled if not math.isnan(r))
+    tail, last = (1 - confidence) / 2, len(boot) - 1
+    low, high = boot[round(tail * last)], boot[round((1 - tail) * last)]
     return PairedRatio(point, low, high, len(pairs))
 
 
