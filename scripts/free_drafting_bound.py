@@ -31,15 +31,16 @@ def main() -> None:
     from hsd_rag.bench.datasets import load_cases
     from hsd_rag.bench.runner import reversed_warmup_case, run_ours
     from hsd_rag.drafters.hybrid import AdaptiveFusion, HybridDrafter
-    from hsd_rag.drafters.registry import DRAFTER_FACTORIES, _eagle, _ngram
+    from hsd_rag.drafters.registry import DRAFTER_FACTORIES
 
     base = HybridSpecDecoder.from_pretrained()
     if base.head is None:
         raise SystemExit("No EAGLE head is shipped with this install: there is no head to bound.")
     always_ask = HybridSpecDecoder(base.model, base.tokenizer, head=base.head)
+    sources = [DRAFTER_FACTORIES["ngram"], DRAFTER_FACTORIES["eagle"]]  # the default hybrid's, in its order
     always_ask.drafter_factories = {
         **DRAFTER_FACTORIES,
-        "hybrid": lambda dec, cfg: HybridDrafter([_ngram(dec, cfg), _eagle(dec)], AdaptiveFusion(gated=False)),
+        "hybrid": lambda dec, cfg: HybridDrafter([make(dec, cfg) for make in sources], AdaptiveFusion(gated=False)),
     }
     runs = [(always_ask, "hybrid"), (HybridSpecDecoder(base.model, base.tokenizer, head=base.head), "ngram")]
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:
